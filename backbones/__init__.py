@@ -1,0 +1,1 @@
+"""Models built on :mod:`vmamba`: VMamba and Vim (registered with timm) and segmentation networks."""

@@ -1,0 +1,1 @@
+"""Jobs: classification, segmentation, comparisons and benchmarks."""

@@ -1,0 +1,141 @@
+"""The multi-direction SSM layer (SS2D and its 1-D / 3-D siblings).
+
+in_proj -> [z gate split] -> conv -> act -> cross-scan -> mixer -> cross-merge -> out_norm -> [* act(z)]
+-> out_proj. The mixer is a constructor argument; nothing else changes when it changes.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cross_scan import ScanPattern, cross_merge, cross_scan
+from .mixers import MixerType, create_mixer
+
+__all__ = ["ConvPlacement", "MultiDirectionSSM"]
+
+
+class ConvPlacement(str, Enum):
+    """Where the depthwise convolution sits.
+
+    ``spatial``: one depthwise conv over the N-d map before scanning ("same" padding; VMamba).
+    ``causal``: a causal depthwise 1-D conv per direction after scanning, with weights per direction (Vim).
+    ``none``: no convolution.
+    """
+
+    SPATIAL = "spatial"
+    CAUSAL = "causal"
+    NONE = "none"
+
+
+class MultiDirectionSSM(nn.Module):
+    """Scan a feature map in K directions with a swappable sequence mixer.
+
+    Args:
+        dim: input/output channels.
+        pattern: ``bi1d``, ``cross2d`` or ``cross3d`` (sets the number of spatial dims).
+        mixer: which :class:`~vmamba.mixers.MixerType` runs along each direction.
+        mixer_kwargs: extra arguments for the mixer (e.g. ``d_state``).
+        expand: ``d_inner = round(expand * dim)``.
+        gate: multiply by ``act(z)`` from a second in_proj half (Mamba's z branch).
+        conv: where the depthwise conv goes (:class:`ConvPlacement`).
+        conv_kernel: its kernel size.
+        conv_bias: whether it has a bias.
+        out_norm: LayerNorm over ``d_inner`` after merging.
+        merge_mean: divide the merged sum by ``K`` (Vim's ``(y_fwd + y_bwd) / 2``).
+        bias: bias of in_proj / out_proj.
+        channels_last: layout of input and output, ``(B, *spatial, C)`` instead of ``(B, C, *spatial)``.
+        norm_eps: out_norm epsilon.
+
+    Shapes:
+        ``(B, C, *spatial) -> (B, C, *spatial)`` (or channels-last).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        pattern: ScanPattern | str = ScanPattern.CROSS2D,
+        mixer: MixerType | str = MixerType.MAMBA,
+        mixer_kwargs: dict[str, Any] | None = None,
+        expand: float = 2.0,
+        gate: bool = False,
+        conv: ConvPlacement | str = ConvPlacement.SPATIAL,
+        conv_kernel: int = 3,
+        conv_bias: bool = False,
+        out_norm: bool = True,
+        merge_mean: bool = False,
+        bias: bool = False,
+        channels_last: bool = False,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.pattern = ScanPattern.parse(pattern)
+        self.conv_placement = ConvPlacement(conv)
+        self.dim = dim
+        self.d_inner = d_inner = int(round(expand * dim))
+        self.gate = gate
+        self.merge_mean = merge_mean
+        self.channels_last = channels_last
+        k = self.pattern.num_directions
+        self.in_proj = nn.Linear(dim, d_inner * (2 if gate else 1), bias=bias)
+        if self.conv_placement is ConvPlacement.SPATIAL:
+            conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.pattern.spatial_dims - 1]
+            self.conv = conv_cls(
+                d_inner, d_inner, conv_kernel, padding=(conv_kernel - 1) // 2, groups=d_inner, bias=conv_bias
+            )
+        elif self.conv_placement is ConvPlacement.CAUSAL:
+            self.conv = nn.Conv1d(k * d_inner, k * d_inner, conv_kernel, groups=k * d_inner, bias=conv_bias)
+        else:
+            self.conv = None
+        self.act = nn.SiLU()
+        self.mixer = create_mixer(mixer, d_inner, k, dim_model=dim, **(mixer_kwargs or {}))
+        self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps) if out_norm else nn.Identity()
+        self.out_proj = nn.Linear(d_inner, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _check(self, x: Tensor) -> None:
+        nd = self.pattern.spatial_dims
+        channel_axis = -1 if self.channels_last else 1
+        if x.dim() != nd + 2 or x.shape[channel_axis] != self.dim:
+            layout = "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
+            raise ValueError(
+                f"MultiDirectionSSM({self.pattern.value}) expects {layout} with {nd} spatial dims and "
+                f"C={self.dim}, got {tuple(x.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        if not self.channels_last:
+            x = x.movedim(1, -1)
+        spatial = x.shape[1:-1]
+        x = self.in_proj(x)  # (B, *S, E[*2])
+        z = None
+        if self.gate:
+            x, z = x.chunk(2, dim=-1)
+        if self.conv_placement is ConvPlacement.SPATIAL:
+            x = self.act(self.conv(x.movedim(-1, 1))).movedim(1, -1)
+        seqs = cross_scan(x, self.pattern, channels_last=True)  # (B, K, L, E)
+        if self.conv_placement is ConvPlacement.CAUSAL:
+            seqs = self._causal_conv(seqs)
+        elif self.conv_placement is ConvPlacement.NONE:
+            seqs = self.act(seqs)
+        y = self.mixer(seqs)
+        y = cross_merge(y, spatial, self.pattern, channels_last=True)  # (B, *S, E)
+        if self.merge_mean:
+            y = y / self.pattern.num_directions
+        y = self.out_norm(y)
+        if z is not None:
+            y = y * self.act(z)
+        out = self.dropout(self.out_proj(y))
+        return out if self.channels_last else out.movedim(-1, 1)
+
+    def _causal_conv(self, seqs: Tensor) -> Tensor:
+        batch, k, length, e = seqs.shape
+        h = seqs.permute(0, 1, 3, 2).reshape(batch, k * e, length)
+        h = F.pad(h, (self.conv.kernel_size[0] - 1, 0))
+        h = self.act(self.conv(h))
+        return h.view(batch, k, e, length).permute(0, 1, 3, 2)
