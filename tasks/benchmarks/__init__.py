@@ -1,0 +1,1 @@
+"""Benchmark sections for ``python -m tasks.benchmark``; each module exposes ``run(quick: bool) -> None``."""
