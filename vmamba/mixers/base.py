@@ -56,6 +56,15 @@ class SequenceMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def mixing_matrix(self, x: Tensor) -> Tensor:
+        """Effective token-mixing weights of the quadratic ("attention") form, for inspection.
+
+        ``x: (B, K, L, C) -> (B, K, L, L)``: entry ``[b, k, t, s]`` is the magnitude of the weight with
+        which input token ``s`` enters output token ``t`` along direction ``k`` (zero for ``s > t``),
+        averaged over channels / heads. Subclasses implement it from their op's quadratic form.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose a mixing matrix")
+
 
 _REGISTRY: dict[MixerType, type[SequenceMixer]] = {}
 M = TypeVar("M", bound=type)

@@ -1,0 +1,108 @@
+"""Residual blocks built on the multi-direction SSM layer, for 1-D, 2-D and 3-D channel-first maps."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from .cross_scan import ScanPattern
+from .mixers import MixerType
+from .ssm_layer import ConvPlacement, MultiDirectionSSM
+
+__all__ = ["LayerNormNd", "ChannelMlp", "VSSBlock", "default_pattern"]
+
+
+def default_pattern(spatial_dims: int) -> ScanPattern:
+    """The cross-scan used for a map with ``spatial_dims`` spatial axes."""
+    try:
+        return {1: ScanPattern.BI1D, 2: ScanPattern.CROSS2D, 3: ScanPattern.CROSS3D}[spatial_dims]
+    except KeyError:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}") from None
+
+
+class LayerNormNd(nn.LayerNorm):
+    """LayerNorm over the channel axis of a channel-first map ``(B, C, *spatial)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.movedim(1, -1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.movedim(-1, 1)
+
+
+class ChannelMlp(nn.Module):
+    """Two-layer pointwise MLP on a channel-first map: ``(B, C, *S) -> (B, C, *S)``.
+
+    Weights are stored as ``nn.Linear`` (out, in), matching the official VMamba Linear2d keys.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.movedim(1, -1)
+        x = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return x.movedim(-1, 1)
+
+
+class VSSBlock(nn.Module):
+    """``x + drop_path(op(norm(x)))`` then ``x + drop_path(mlp(norm2(x)))`` on ``(B, C, *spatial)``.
+
+    Args:
+        dim: channels.
+        spatial_dims: 1, 2 or 3 (picks ``bi1d`` / ``cross2d`` / ``cross3d`` unless ``pattern`` is given).
+        mixer, mixer_kwargs: the sequence mixer inside the SSM layer.
+        ssm_ratio: ``d_inner / dim``.
+        gate: z-gate in the SSM layer (vanilla VMamba v0).
+        conv_kernel, conv_bias: the depthwise conv before the scan.
+        mlp_ratio: hidden width of the MLP branch; 0 disables it.
+        drop_path: stochastic depth rate.
+        norm_eps: epsilon of every LayerNorm (the official VMamba uses 1e-5).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        spatial_dims: int = 2,
+        mixer: MixerType | str = MixerType.MAMBA,
+        mixer_kwargs: dict[str, Any] | None = None,
+        ssm_ratio: float = 2.0,
+        gate: bool = False,
+        conv_kernel: int = 3,
+        conv_bias: bool = False,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+        pattern: ScanPattern | str | None = None,
+    ) -> None:
+        super().__init__()
+        pattern = default_pattern(spatial_dims) if pattern is None else ScanPattern.parse(pattern)
+        if pattern.spatial_dims != spatial_dims:
+            raise ValueError(f"pattern {pattern.value} scans {pattern.spatial_dims}-d maps, not {spatial_dims}-d")
+        self.norm = LayerNormNd(dim, eps=norm_eps)
+        self.op = MultiDirectionSSM(
+            dim,
+            pattern=pattern,
+            mixer=mixer,
+            mixer_kwargs=mixer_kwargs,
+            expand=ssm_ratio,
+            gate=gate,
+            conv=ConvPlacement.SPATIAL if conv_kernel > 1 else ConvPlacement.NONE,
+            conv_kernel=conv_kernel,
+            conv_bias=conv_bias,
+            norm_eps=norm_eps,
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = LayerNormNd(dim, eps=norm_eps) if mlp_ratio > 0 else None
+        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio)) if mlp_ratio > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.op(self.norm(x)))
+        if self.mlp is not None:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
