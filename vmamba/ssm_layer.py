@@ -52,6 +52,8 @@ class MultiDirectionSSM(nn.Module):
 
     Shapes:
         ``(B, C, *spatial) -> (B, C, *spatial)`` (or channels-last).
+        With ``tokens (B, T, C)`` (extra tokens such as Vim's class token, see :meth:`forward`) it returns
+        ``(map, tokens_out (B, T, C))``.
     """
 
     def __init__(
@@ -107,31 +109,65 @@ class MultiDirectionSSM(nn.Module):
                 f"C={self.dim}, got {tuple(x.shape)}"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Scan ``x`` in every direction; optional ``tokens`` join each direction-sequence in its middle.
+
+        Args:
+            x: ``(B, C, *spatial)``, or ``(B, *spatial, C)`` when ``channels_last``.
+            tokens: ``(B, T, C)`` or ``None``. They are inserted at index ``L // 2`` of every forward
+                direction (each reversed direction is its forward twin flipped, tokens included), so each
+                direction sees them after half of its scan, as Vim's middle class token. They share every
+                projection, the conv and the mixer with the map; their outputs are merged over directions
+                like the map's. Needs ``conv`` ``causal`` or ``none`` (a spatial conv has no place for them).
+
+        Returns:
+            The map in ``x``'s layout, or ``(map, tokens_out (B, T, C))`` when ``tokens`` is given.
+        """
         self._check(x)
         if not self.channels_last:
             x = x.movedim(1, -1)
         spatial = x.shape[1:-1]
+        if tokens is not None:
+            self._check_tokens(x, tokens)
+            tokens = self.in_proj(tokens)  # (B, T, E[*2])
         x = self.in_proj(x)  # (B, *S, E[*2])
-        z = None
+        z = z_tokens = None
         if self.gate:
             x, z = x.chunk(2, dim=-1)
+            if tokens is not None:
+                tokens, z_tokens = tokens.chunk(2, dim=-1)
         if self.conv_placement is ConvPlacement.SPATIAL:
             x = self.act(self.conv(x.movedim(-1, 1))).movedim(1, -1)
         seqs = cross_scan(x, self.pattern, channels_last=True)  # (B, K, L, E)
+        if tokens is not None:
+            seqs = _insert_middle_tokens(seqs, tokens)  # (B, K, L + T, E)
         if self.conv_placement is ConvPlacement.CAUSAL:
             seqs = self._causal_conv(seqs)
         elif self.conv_placement is ConvPlacement.NONE:
             seqs = self.act(seqs)
         y = self.mixer(seqs)
+        y_tokens = None
+        if tokens is not None:
+            y, y_tokens = _take_middle_tokens(y, tokens.shape[1])
         y = cross_merge(y, spatial, self.pattern, channels_last=True)  # (B, *S, E)
+        out = self._output(y, z)
+        out = out if self.channels_last else out.movedim(-1, 1)
+        return out if y_tokens is None else (out, self._output(y_tokens, z_tokens))
+
+    def _output(self, y: Tensor, z: Tensor | None) -> Tensor:
+        """Merged ``y (..., E)`` -> ``(..., C)``: mean over directions, out_norm, gate, out_proj."""
         if self.merge_mean:
             y = y / self.pattern.num_directions
         y = self.out_norm(y)
         if z is not None:
             y = y * self.act(z)
-        out = self.dropout(self.out_proj(y))
-        return out if self.channels_last else out.movedim(-1, 1)
+        return self.dropout(self.out_proj(y))
+
+    def _check_tokens(self, x: Tensor, tokens: Tensor) -> None:
+        if tokens.dim() != 3 or tokens.shape[0] != x.shape[0] or tokens.shape[-1] != self.dim:
+            raise ValueError(f"tokens must be (B={x.shape[0]}, T, C={self.dim}), got {tuple(tokens.shape)}")
+        if self.conv_placement is ConvPlacement.SPATIAL:
+            raise ValueError("extra tokens need conv='causal' or 'none': a spatial conv has no place for them")
 
     def _causal_conv(self, seqs: Tensor) -> Tensor:
         batch, k, length, e = seqs.shape
@@ -139,3 +175,28 @@ class MultiDirectionSSM(nn.Module):
         h = F.pad(h, (self.conv.kernel_size[0] - 1, 0))
         h = self.act(self.conv(h))
         return h.view(batch, k, e, length).permute(0, 1, 3, 2)
+
+
+def _insert_middle_tokens(seqs: Tensor, tokens: Tensor) -> Tensor:
+    """``seqs (B, K, L, E)``, ``tokens (B, T, E)`` -> ``(B, K, L + T, E)``.
+
+    The first ``K/2`` directions get the tokens at index ``L // 2``; the reversed half is rebuilt as their
+    flip (cross-scan's convention), so a reversed direction meets the tokens at index ``L - L // 2``.
+    """
+    batch, k, length, e = seqs.shape
+    half, mid = k // 2, length // 2
+    forward = seqs[:, :half]
+    tok = tokens.unsqueeze(1).expand(batch, half, tokens.shape[1], e)
+    forward = torch.cat([forward[:, :, :mid], tok, forward[:, :, mid:]], dim=2)
+    return torch.cat([forward, forward.flip(2)], dim=1)
+
+
+def _take_middle_tokens(y: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`_insert_middle_tokens`: ``(B, K, L + T, E)`` -> ``(B, K, L, E)`` and the tokens'
+    outputs summed over the K directions ``(B, T, E)``."""
+    half = y.shape[1] // 2
+    mid = (y.shape[2] - num_tokens) // 2
+    forward, backward = y[:, :half], y[:, half:].flip(2)  # both in forward order
+    tokens = (forward[:, :, mid : mid + num_tokens] + backward[:, :, mid : mid + num_tokens]).sum(1)
+    keep = lambda t: torch.cat([t[:, :, :mid], t[:, :, mid + num_tokens :]], dim=2)  # noqa: E731
+    return torch.cat([keep(forward), keep(backward).flip(2)], dim=1), tokens
