@@ -1,4 +1,9 @@
-"""Residual blocks built on the multi-direction SSM layer, for 1-D, 2-D and 3-D channel-first maps."""
+"""Residual blocks built on the multi-direction SSM layer, for 1-D, 2-D and 3-D maps.
+
+Every block works on channel-first maps ``(B, C, *spatial)`` by default, or on channel-last maps
+``(B, *spatial, C)`` with ``channels_last=True`` (the faster layout on CPU: LayerNorm, the projections
+and the MLP then act on the contiguous last axis without any permute).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -23,35 +28,47 @@ def default_pattern(spatial_dims: int) -> ScanPattern:
 
 
 class LayerNormNd(nn.LayerNorm):
-    """LayerNorm over the channel axis of a channel-first map ``(B, C, *spatial)``."""
+    """LayerNorm over the channel axis of a map.
+
+    ``(B, C, *spatial)`` by default; ``(B, *spatial, C)`` (a plain ``nn.LayerNorm``) when ``channels_last``.
+    The parameters (``weight``, ``bias``: ``(C,)``) are the same in both layouts.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, channels_last: bool = False) -> None:
+        super().__init__(num_channels, eps=eps)
+        self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         x = x.movedim(1, -1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.movedim(-1, 1)
 
 
 class ChannelMlp(nn.Module):
-    """Two-layer pointwise MLP on a channel-first map: ``(B, C, *S) -> (B, C, *S)``.
+    """Two-layer pointwise MLP: ``(B, C, *S) -> (B, C, *S)``, or ``(B, *S, C)`` when ``channels_last``.
 
     Weights are stored as ``nn.Linear`` (out, in), matching the official VMamba Linear2d keys.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, channels_last: bool = False) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.movedim(1, -1)
+        if not self.channels_last:
+            x = x.movedim(1, -1)
         x = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-        return x.movedim(-1, 1)
+        return x if self.channels_last else x.movedim(-1, 1)
 
 
 class VSSBlock(nn.Module):
-    """``x + drop_path(op(norm(x)))`` then ``x + drop_path(mlp(norm2(x)))`` on ``(B, C, *spatial)``.
+    """``x + drop_path(op(norm(x)))`` then ``x + drop_path(mlp(norm2(x)))``.
 
     Args:
         dim: channels.
@@ -59,10 +76,15 @@ class VSSBlock(nn.Module):
         mixer, mixer_kwargs: the sequence mixer inside the SSM layer.
         ssm_ratio: ``d_inner / dim``.
         gate: z-gate in the SSM layer (vanilla VMamba v0).
-        conv_kernel, conv_bias: the depthwise conv before the scan.
-        mlp_ratio: hidden width of the MLP branch; 0 disables it.
+        conv_kernel, conv_bias: the depthwise conv before the scan (``conv_kernel <= 1``: none).
+        mlp_ratio: hidden width of the MLP branch; 0 disables it (no ``norm2`` / ``mlp``).
         drop_path: stochastic depth rate.
         norm_eps: epsilon of every LayerNorm (the official VMamba uses 1e-5).
+        pattern: explicit scan pattern.
+        channels_last: layout of input and output.
+
+    Shapes:
+        ``(B, C, *spatial) -> (B, C, *spatial)``, or ``(B, *spatial, C) -> (B, *spatial, C)``.
     """
 
     def __init__(
@@ -79,12 +101,13 @@ class VSSBlock(nn.Module):
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
         pattern: ScanPattern | str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         pattern = default_pattern(spatial_dims) if pattern is None else ScanPattern.parse(pattern)
         if pattern.spatial_dims != spatial_dims:
             raise ValueError(f"pattern {pattern.value} scans {pattern.spatial_dims}-d maps, not {spatial_dims}-d")
-        self.norm = LayerNormNd(dim, eps=norm_eps)
+        self.norm = LayerNormNd(dim, eps=norm_eps, channels_last=channels_last)
         self.op = MultiDirectionSSM(
             dim,
             pattern=pattern,
@@ -96,10 +119,11 @@ class VSSBlock(nn.Module):
             conv_kernel=conv_kernel,
             conv_bias=conv_bias,
             norm_eps=norm_eps,
+            channels_last=channels_last,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNormNd(dim, eps=norm_eps) if mlp_ratio > 0 else None
-        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio)) if mlp_ratio > 0 else None
+        self.norm2 = LayerNormNd(dim, eps=norm_eps, channels_last=channels_last) if mlp_ratio > 0 else None
+        self.mlp = ChannelMlp(dim, int(dim * mlp_ratio), channels_last=channels_last) if mlp_ratio > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.op(self.norm(x)))
