@@ -1,0 +1,21 @@
+"""Optional fused CPU kernels, compiled just in time from C++ (``torch.utils.cpp_extension``).
+
+The pure-PyTorch ops stay the reference and the fallback. Which path runs is chosen by
+:func:`vmamba.ops.fused.scan_backend` from the ``VMAMBA_SCAN_BACKEND`` environment variable
+(``auto`` (default): fused when it builds, else PyTorch; ``torch``: never fused; ``fused``: fused or an
+error saying why it cannot be built) or by :func:`set_scan_backend`. The first build takes tens of
+seconds and is cached per machine under ``$VMAMBA_CACHE`` (default ``~/.cache/vmamba``).
+"""
+from .loader import FusedUnavailable, ScanBackend, fused_status, scan_backend, set_scan_backend, use_fused
+from .multi_scan import fused_multi_scan, fused_selective_scan
+
+__all__ = [
+    "FusedUnavailable",
+    "ScanBackend",
+    "fused_status",
+    "scan_backend",
+    "set_scan_backend",
+    "use_fused",
+    "fused_multi_scan",
+    "fused_selective_scan",
+]
