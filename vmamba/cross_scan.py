@@ -17,13 +17,14 @@ Only permutations and flips are used: no Python loop over tokens, differentiable
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["ScanPattern", "cross_scan", "cross_merge"]
+__all__ = ["ScanPattern", "cross_scan", "cross_merge", "scan_indices"]
 
 
 class ScanPattern(str, Enum):
@@ -130,3 +131,14 @@ def cross_merge(
         part = per_order[:, k].reshape(batch, *scanned_shape, channels).permute(0, *inverse, len(order) + 1)
         out = part if out is None else out + part
     return out if channels_last else out.movedim(-1, 1).contiguous()
+
+
+def scan_indices(spatial_shape: Sequence[int], pattern: ScanPattern | str, device: torch.device | None = None) -> Tensor:
+    """Row-major map position visited at each step of each direction: ``(K, L)`` int64.
+
+    ``cross_scan(x)[:, k, t] == x.flatten(spatial)[..., scan_indices(...)[k, t]]`` for channel-first ``x``;
+    kernels that scan a map in place (without materialising the K copies) walk these tables.
+    """
+    pattern = ScanPattern.parse(pattern)
+    positions = torch.arange(math.prod(spatial_shape), device=device, dtype=torch.int64)
+    return cross_scan(positions.view(1, 1, *spatial_shape), pattern)[0, :, :, 0]

@@ -1,0 +1,116 @@
+"""The fused C++ scan against the pure-PyTorch loop reference (skipped where it cannot be built)."""
+import pytest
+import torch
+
+from vmamba import cross_merge, cross_scan
+from vmamba.cross_scan import scan_indices
+from vmamba.ops import fused
+from vmamba.ops.selective_scan import selective_scan_ref
+
+try:
+    fused.loader.load()
+    FUSED_ERROR = None
+except fused.FusedUnavailable as err:  # pragma: no cover - depends on the machine
+    FUSED_ERROR = str(err)
+
+pytestmark = pytest.mark.skipif(FUSED_ERROR is not None, reason=f"fused kernels cannot be built here: {FUSED_ERROR}")
+
+
+def _inputs(batch, dim, d_state, length, groups, dtype=torch.float32):
+    g = torch.Generator().manual_seed(batch * 1000 + dim * 10 + length)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    bc_shape = (batch, d_state, length) if groups is None else (batch, groups, d_state, length)
+    return dict(
+        u=r(batch, dim, length), delta=r(batch, dim, length), A=-torch.rand(dim, d_state, generator=g, dtype=dtype) * 2,
+        B=r(*bc_shape), C=r(*bc_shape), D=r(dim), z=r(batch, dim, length), delta_bias=r(dim),
+        initial_state=r(batch, dim, d_state),
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, dim, d_state, length, groups",
+    [(2, 16, 16, 37, None), (1, 8, 1, 1, None), (2, 12, 16, 13, 4), (2, 6, 3, 5, None), (1, 40, 1, 64, 2),
+     (3, 24, 4, 70, 3)],
+)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_fused_matches_reference(batch, dim, d_state, length, groups, softplus):
+    inputs = _inputs(batch, dim, d_state, length, groups)
+    if not softplus:  # positive step sizes, as softplus would give
+        inputs["delta"] = inputs["delta"].abs()
+        inputs["delta_bias"] = inputs["delta_bias"].abs()
+    ref_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    fus_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out_r, last_r = selective_scan_ref(**ref_in, delta_softplus=softplus, return_last_state=True)
+    out_f, last_f = fused.fused_selective_scan(**fus_in, delta_softplus=softplus, return_last_state=True)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_f, last_r, rtol=1e-5, atol=1e-5)
+    w, w_last = torch.randn_like(out_r), torch.randn_like(last_r)
+    ((out_r * w).sum() + (last_r * w_last).sum()).backward()
+    ((out_f * w).sum() + (last_f * w_last).sum()).backward()
+    for name in inputs:
+        ref_grad, fus_grad = ref_in[name].grad, fus_in[name].grad
+        scale = ref_grad.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(fus_grad / scale, ref_grad / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_without_optional_inputs():
+    inputs = _inputs(2, 16, 4, 9, None)
+    out_r = selective_scan_ref(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], delta_softplus=True)
+    out_f = fused.fused_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], delta_softplus=True)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern, spatial", [("cross2d", (5, 7)), ("cross2d", (1, 4)), ("bi1d", (11,)), ("cross3d", (2, 3, 4))])
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_fused_multi_direction_equals_scan_per_direction_then_merge(pattern, spatial, d_state):
+    """One in-place pass over the map equals cross_scan -> per-direction scans -> cross_merge."""
+    g = torch.Generator().manual_seed(7)
+    batch, dim = 2, 16
+    index = scan_indices(spatial, pattern)
+    k, length = index.shape
+    x = torch.randn(batch, *spatial, dim, generator=g, requires_grad=True)
+    delta = torch.randn(batch, length, k, dim, generator=g, requires_grad=True)  # map-row order
+    A = (-torch.rand(k, d_state, dim, generator=g) - 0.1).requires_grad_()
+    Bm = torch.randn(batch, length, k, 1, d_state, generator=g, requires_grad=True)
+    Cm = torch.randn(batch, length, k, 1, d_state, generator=g, requires_grad=True)
+    bias = torch.randn(k, dim, generator=g, requires_grad=True)
+
+    y_f, last_f = fused.fused_multi_scan(x.reshape(batch, length, dim), delta, A, Bm, Cm, index, delta_bias=bias)
+
+    # Reference: gather each direction's sequence, scan it with the loop, merge back.
+    seqs = cross_scan(x, pattern, channels_last=True)  # (B, K, L, C)
+    delta_seq = torch.stack([delta[:, index[j], j] for j in range(k)], 1)  # (B, K, L, C)
+    B_seq = torch.stack([Bm[:, index[j], j, 0] for j in range(k)], 1)  # (B, K, L, N)
+    C_seq = torch.stack([Cm[:, index[j], j, 0] for j in range(k)], 1)
+    out, last = selective_scan_ref(
+        seqs.transpose(2, 3).reshape(batch, k * dim, length),
+        delta_seq.transpose(2, 3).reshape(batch, k * dim, length),
+        A.transpose(1, 2).reshape(k * dim, d_state),
+        B_seq.transpose(2, 3), C_seq.transpose(2, 3),
+        delta_bias=bias.reshape(-1), delta_softplus=True, return_last_state=True,
+    )
+    y_r = cross_merge(out.view(batch, k, dim, length).transpose(2, 3), spatial, pattern, channels_last=True)
+    torch.testing.assert_close(y_f.view_as(y_r), y_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_f, last.view(batch, k, dim, d_state).transpose(2, 3), rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(y_r)
+    grads_r = torch.autograd.grad((y_r * w).sum(), (x, delta, A, Bm, Cm, bias))
+    grads_f = torch.autograd.grad((y_f.view_as(y_r) * w).sum(), (x, delta, A, Bm, Cm, bias))
+    for name, gr, gf in zip(("x", "delta", "A", "B", "C", "bias"), grads_r, grads_f):
+        scale = gr.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(gf / scale, gr / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.setenv("VMAMBA_SCAN_BACKEND", "torch")
+    assert not fused.use_fused(torch.zeros(1))
+    assert "pure PyTorch" in fused.fused_status()
+    monkeypatch.setenv("VMAMBA_SCAN_BACKEND", "fused")
+    assert fused.use_fused(torch.zeros(1))
+    monkeypatch.setenv("VMAMBA_SCAN_BACKEND", "sometimes")
+    with pytest.raises(ValueError, match="VMAMBA_SCAN_BACKEND"):
+        fused.scan_backend()
+    fused.set_scan_backend("torch")
+    try:
+        assert fused.scan_backend() is fused.ScanBackend.TORCH
+    finally:
+        fused.set_scan_backend(None)
