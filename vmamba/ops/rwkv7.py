@@ -1,0 +1,281 @@
+"""RWKV-7 time mixing: the generalized delta rule with a data-dependent per-key-channel decay.
+
+``S_t = diag(exp w_t) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T``, ``o_t = scale * r_t^T S_t`` (S is K x V).
+
+Conventions follow flash-linear-attention's ``chunk_rwkv7(r, w, k, v, a, b, scale=1.0, ...)`` (time-major):
+``r, w, k, a, b: (B, T, H, K)``, ``v: (B, T, H, V)``, state ``(B, H, K, V)``; ``w`` is the log-decay
+(``<= 0``). An RWKV-7 layer passes ``a = -kk`` and ``b = kk * iclr`` with ``kk`` the L2-normalised key and
+``iclr`` the in-context learning rate. Every form returns ``(o (B, T, H, V), final_state or None)`` and
+accumulates in float32 whatever the input dtype (float64 stays float64; autocast is off inside).
+
+Forms, all giving the same numbers:
+
+* :func:`rwkv7_ref` — the plain loop over T, the reference.
+* :func:`rwkv7` (default) — chunked: inside a chunk of Q tokens the delta-rule corrections
+  ``u_t = a_t^T S_{t-1}`` satisfy a unit lower-triangular system (the WY form), solved with one
+  triangular solve per chunk; everything else is dense matmuls; a short loop over chunks carries the
+  state with one ``K x K`` transition per chunk.
+* :func:`rwkv7_mixing_matrix` — the quadratic form: given ``(r, w, k, a, b)`` the op is linear in ``v``,
+  ``o = M v`` with ``M[t, s] = scale * r_t^T A_t ... A_{s+1} k_s`` and ``A_t = diag(exp w_t) + b_t a_t^T``.
+* :func:`rwkv7_step` — one token, for streaming inference.
+
+Numerical stability: in-chunk pairwise decays ``exp(G_t - G_s)`` (``G`` the in-chunk cumulative log
+decay, per key channel) are factorised around a per-channel reference point in the middle of the chunk,
+so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)``; when ``chunk_size * max|w|`` would exceed
+:data:`LOG_RANGE_LIMIT` the chunk is shortened accordingly (strong decays: shorter chunks, never inf/NaN).
+Cross-chunk decays only ever use ``exp`` of non-positive numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix", "LOG_RANGE_LIMIT"]
+
+#: Largest in-chunk log-decay range the factorised form accepts (each factor stays within e^±30).
+LOG_RANGE_LIMIT = 60.0
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, initial_state: Tensor | None
+) -> None:
+    if r.dim() != 4:
+        raise ValueError(f"r must be (B, T, H, K), got {tuple(r.shape)}")
+    for name, t in (("w", w), ("k", k), ("a", a), ("b", b)):
+        if t.shape != r.shape:
+            raise ValueError(f"{name} must match r {tuple(r.shape)} (B, T, H, K), got {tuple(t.shape)}")
+    if v.dim() != 4 or v.shape[:3] != r.shape[:3]:
+        raise ValueError(f"v must be (B, T, H, V) with (B, T, H) = {tuple(r.shape[:3])}, got {tuple(v.shape)}")
+    for name, t in (("r", r), ("w", w), ("k", k), ("v", v), ("a", a), ("b", b)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if initial_state is not None:
+        batch, _, heads, dk = r.shape
+        expected = (batch, heads, dk, v.shape[-1])
+        if tuple(initial_state.shape) != expected:
+            raise ValueError(f"initial_state must be (B, H, K, V) = {expected}, got {tuple(initial_state.shape)}")
+    if w.numel() and bool((w.detach() > 0).any()):
+        raise ValueError(f"w is a log-decay and must be <= 0 everywhere; got max {w.max().item():.4g}")
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+def rwkv7_ref(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float | None = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Plain recurrent loop over T: the reference every other form is tested against."""
+    _check(r, w, k, v, a, b, initial_state)
+    with torch.autocast(r.device.type, enabled=False):
+        batch, length, heads, dk = r.shape
+        s = _scale(scale, dk)
+        cdt, out_dtype = _compute_dtype(r, w, k, v, a, b), v.dtype
+        r, w, k, v, a, b = (t.to(cdt) for t in (r, w, k, v, a, b))
+        decay = torch.exp(w)
+        state = r.new_zeros(batch, heads, dk, v.shape[-1]) if initial_state is None else initial_state.to(cdt)
+        outs = []
+        for t in range(length):
+            sa = torch.einsum("bhk,bhkv->bhv", a[:, t], state)
+            state = (
+                decay[:, t, :, :, None] * state
+                + b[:, t, :, :, None] * sa[:, :, None, :]
+                + k[:, t, :, :, None] * v[:, t, :, None, :]
+            )
+            outs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], state) * s)
+        o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
+def rwkv7_step(
+    state: Tensor, r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, scale: float | None = 1.0
+) -> tuple[Tensor, Tensor]:
+    """One recurrent step for streaming inference.
+
+    Args:
+        state: ``(B, H, K, V)``.
+        r, w, k, a, b: ``(B, H, K)``; v: ``(B, H, V)``.
+
+    Returns:
+        ``(o (B, H, V), new_state (B, H, K, V))``.
+    """
+    if r.dim() != 3:
+        raise ValueError(f"rwkv7_step takes one token: r must be (B, H, K), got {tuple(r.shape)}")
+    o, new_state = rwkv7_ref(
+        *(t[:, None] for t in (r, w, k, v, a, b)), scale=scale, initial_state=state, output_final_state=True
+    )
+    return o[:, 0].to(v.dtype), new_state
+
+
+def _effective_chunk(chunk_size: int, w: Tensor) -> int:
+    """Shorten the chunk when strong decays would push the in-chunk log range past the limit."""
+    strongest = float(-w.detach().min()) if w.numel() else 0.0
+    if strongest * chunk_size <= LOG_RANGE_LIMIT:
+        return chunk_size
+    return max(1, min(chunk_size, int(LOG_RANGE_LIMIT // strongest)))
+
+
+def _rwkv7_chunk(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float,
+    initial_state: Tensor | None,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    batch, length, heads, dk = r.shape
+    dv = v.shape[-1]
+    cdt = _compute_dtype(r, w, k, v, a, b)
+    q_len = chunk_size
+    n = max(1, math.ceil(length / q_len))
+    pad = n * q_len - length
+
+    def chunked(t: Tensor) -> Tensor:  # (B, T, H, D) -> (B, H, n, Q, D), zero-padded (w = 0: no decay)
+        t = F.pad(t.to(cdt), (0, 0, 0, 0, 0, pad))
+        return t.reshape(batch, n, q_len, heads, t.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    rc, wc, kc, vc, ac, bc = (chunked(t) for t in (r, w, k, v, a, b))
+    g_in = wc.cumsum(-2)  # G_t: log decay from the chunk start through t
+    g_ex = g_in - wc  # G_{t-1}: through t-1 (what a_t^T S_{t-1} sees)
+    # Per-channel reference point mid-chunk: left factors exp(G - ref) and right factors exp(ref - G_s)
+    # each stay within exp(range / 2); their product is the (<= 1) pairwise decay.
+    ref = g_ex[..., q_len // 2 : q_len // 2 + 1, :]
+    right = torch.exp(ref - g_in)
+    left = torch.cat([rc * torch.exp(g_in - ref), ac * torch.exp(g_ex - ref)], dim=-2)  # (.., 2Q, K)
+    pair = torch.matmul(left, torch.cat([kc * right, bc * right], dim=-2).transpose(-1, -2))  # (.., 2Q, 2Q)
+    ones = torch.ones(q_len, q_len, dtype=torch.bool, device=r.device)
+    incl, strict = ones.tril(), ones.tril(-1)
+    zero = pair.new_zeros(())
+    a_rk = torch.where(incl, pair[..., :q_len, :q_len], zero)
+    a_rb = torch.where(incl, pair[..., :q_len, q_len:], zero)
+    a_ak = torch.where(strict, pair[..., q_len:, :q_len], zero)
+    a_ab = torch.where(strict, pair[..., q_len:, q_len:], zero)
+    # u_t = a_t^T S_{t-1} = (a_t e^{G_{t-1}})^T S_0 + sum_{s<t} A_ak[t,s] v_s + A_ab[t,s] u_s:
+    # (I - A_ab) u = A_ak v + W S_0, one unit lower-triangular solve for both right-hand sides.
+    w_start = ac * torch.exp(g_ex)
+    solved = torch.linalg.solve_triangular(
+        -a_ab, torch.cat([torch.matmul(a_ak, vc), w_start], dim=-1), upper=False, unitriangular=True
+    )
+    u_local, u_from_state = solved[..., :dv], solved[..., dv:]  # u = u_local + u_from_state @ S_0
+    to_end = torch.exp(g_in[..., -1:, :] - g_in)
+    kd, bd = kc * to_end, bc * to_end
+    # chunk transition: S_end = M S_0 + N
+    trans = torch.diag_embed(torch.exp(g_in[..., -1, :])) + torch.matmul(bd.transpose(-1, -2), u_from_state)
+    inject = torch.matmul(torch.cat([kd, bd], dim=-2).transpose(-1, -2), torch.cat([vc, u_local], dim=-2))
+    state = r.new_zeros(batch, heads, dk, dv, dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    before = []
+    for c in range(n):
+        before.append(state)
+        state = torch.matmul(trans[:, :, c], state) + inject[:, :, c]
+    states = torch.stack(before, dim=2)  # (B, H, n, K, V): state entering each chunk
+    u = u_local + torch.matmul(u_from_state, states)
+    o = torch.matmul(torch.cat([a_rk, a_rb], dim=-1), torch.cat([vc, u], dim=-2))
+    o = o + torch.matmul(rc * torch.exp(g_in), states)
+    o = (o * scale).permute(0, 2, 3, 1, 4).reshape(batch, n * q_len, heads, dv)[:, :length]
+    return o, state
+
+
+def rwkv7(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float | None = 1.0,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """RWKV-7 generalized delta rule, chunked (the default path).
+
+    Args:
+        r: receptance (query) ``(B, T, H, K)``.
+        w: log-decay ``(B, T, H, K)``, ``<= 0`` (the decay is ``exp(w)``).
+        k: key ``(B, T, H, K)``.
+        v: value ``(B, T, H, V)``.
+        a, b: ``(B, T, H, K)``; the state update adds ``b_t (a_t^T S_{t-1})``.
+        scale: output scale; ``None`` means ``K ** -0.5``.
+        initial_state: ``(B, H, K, V)``; zeros when ``None``.
+        output_final_state: also return the state after the last token.
+        chunk_size: tokens per chunk (shortened automatically for very strong decays, see module doc).
+
+    Returns:
+        ``(o (B, T, H, V) in v's dtype, final_state (B, H, K, V) or None)``.
+
+    Raises:
+        ValueError: mismatched shapes, a wrong state shape, a positive log-decay or a bad chunk size.
+
+    Example:
+        >>> r, k, kk = torch.randn(3, 1, 100, 4, 32).unbind(0)
+        >>> kk = F.normalize(kk, dim=-1); w = -F.softplus(torch.randn(1, 100, 4, 32))
+        >>> o, _ = rwkv7(r, w, k, torch.randn(1, 100, 4, 32), -kk, kk * 0.5)  # o: (1, 100, 4, 32)
+    """
+    _check(r, w, k, v, a, b, initial_state)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    with torch.autocast(r.device.type, enabled=False):
+        o, state = _rwkv7_chunk(
+            r, w, k, v, a, b, _scale(scale, r.shape[-1]), initial_state, _effective_chunk(chunk_size, w)
+        )
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def rwkv7_mixing_matrix(
+    r: Tensor,
+    w: Tensor,
+    k: Tensor,
+    a: Tensor,
+    b: Tensor,
+    scale: float | None = 1.0,
+    chunk_size: int = 64,
+    block: int = 1024,
+) -> Tensor:
+    """The effective ``T x T`` token-mixing matrix (the quadratic form): from a zero state ``o = M v``.
+
+    ``M[b, h, t, s] = scale * r_t^T A_t A_{t-1} ... A_{s+1} k_s`` for ``s <= t`` (zero above the diagonal),
+    ``A_t = diag(exp w_t) + b_t a_t^T``. Since the op is linear in ``v`` once ``(r, w, k, a, b)`` are fixed,
+    column ``s`` is the chunked op's response to the one-hot value ``e_s``; columns are evaluated
+    ``block`` at a time to bound memory (``O(B H T block)``).
+
+    Args:
+        r, w, k, a, b: ``(B, T, H, K)`` as in :func:`rwkv7`.
+
+    Returns:
+        ``(B, H, T, T)`` (float32, or float64 for float64 input).
+    """
+    _check(r, w, k, k, a, b, None)
+    if block <= 0:
+        raise ValueError(f"block must be positive, got {block}")
+    batch, length, heads, _ = r.shape
+    cdt = _compute_dtype(r, w, k, a, b)
+    cols = []
+    for start in range(0, length, block):
+        stop = min(length, start + block)
+        # tokens before `start` see zero values, so only the suffix needs evaluating
+        onehot = torch.eye(length - start, stop - start, device=r.device, dtype=cdt)
+        onehot = onehot[None, :, None, :].expand(batch, -1, heads, -1)
+        sl = slice(start, None)
+        o, _ = rwkv7(r[:, sl], w[:, sl], k[:, sl], onehot, a[:, sl], b[:, sl], scale, chunk_size=chunk_size)
+        cols.append(F.pad(o.permute(0, 2, 1, 3), (0, 0, start, 0)))  # (B, H, T, stop - start)
+    if not cols:
+        return r.new_zeros(batch, heads, 0, 0, dtype=cdt)
+    return torch.cat(cols, dim=-1)
