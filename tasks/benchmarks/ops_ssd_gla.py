@@ -1,0 +1,79 @@
+"""SSD (Mamba-2) and GLA: chunked default against the loop reference, forward and forward+backward.
+
+Sizes (issue 4): B=1, H=4, T=3136 (a 56x56 map), K=V=32 for GLA; SSD with 6 heads of head dim 32 and
+d_state 64 (one B/C group). Every ratio is ``loop time / chunked time`` from one interleaved run.
+Target: every chunked op at least 20x faster than its loop reference, forward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tasks.benchmarks.common import format_ratio, print_table, time_interleaved
+from vmamba.ops import gla, gla_ref, ssd, ssd_ref
+
+TARGET_FORWARD_RATIO = 20.0
+
+
+def _gla_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    batch, heads, dk, dv = 1, 4, 32, 32
+    q = torch.randn(batch, length, heads, dk)
+    k = torch.randn(batch, length, heads, dk)
+    v = torch.randn(batch, length, heads, dv)
+    g = F.logsigmoid(torch.randn(batch, length, heads, dk)) / 16  # the GLA layer's gate range
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v, g))
+
+
+def _ssd_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    batch, heads, head_dim, d_state = 1, 6, 32, 64
+    x = torch.randn(batch, length, heads, head_dim)
+    dt = torch.randn(batch, length, heads) - 2.0
+    A = -torch.linspace(1.0, 16.0, heads)
+    B = torch.randn(batch, length, 1, d_state)
+    C = torch.randn(batch, length, 1, d_state)
+    return tuple(t.requires_grad_(requires_grad) for t in (x, dt, A, B, C))
+
+
+def _forward_backward(fn: Callable[..., tuple[torch.Tensor, object]], inputs: tuple[torch.Tensor, ...], **kw):
+    def run() -> None:
+        for t in inputs:
+            t.grad = None
+        out, _ = fn(*inputs, **kw)
+        out.sum().backward()
+
+    return run
+
+
+def run(quick: bool) -> None:
+    length = 512 if quick else 3136
+    repeats = 2 if quick else 5
+    cases = {
+        "gla": (gla_ref, gla, _gla_inputs, {}),
+        "ssd": (ssd_ref, ssd, _ssd_inputs, {"dt_softplus": True}),
+    }
+    rows = []
+    for name, (ref, chunked, make, kw) in cases.items():
+        inputs = make(length, requires_grad=False)
+        with torch.no_grad():
+            fwd = time_interleaved(
+                {"loop": lambda: ref(*inputs, **kw), "chunked": lambda: chunked(*inputs, **kw)}, repeats=repeats
+            )
+        inputs_g = make(length, requires_grad=True)
+        bwd = time_interleaved(
+            {"loop": _forward_backward(ref, inputs_g, **kw), "chunked": _forward_backward(chunked, inputs_g, **kw)},
+            repeats=max(1, repeats // 2),
+        )
+        for label, res in (("forward", fwd), ("forward+backward", bwd)):
+            loop_s, chunk_s = res["loop"].median, res["chunked"].median
+            target = f">= {TARGET_FORWARD_RATIO:.0f}x" if label == "forward" else "-"
+            ok = "" if label != "forward" else (" (met)" if loop_s / chunk_s >= TARGET_FORWARD_RATIO else " (missed)")
+            rows.append(
+                [name, label, f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", format_ratio(loop_s, chunk_s) + ok, target]
+            )
+    print_table(
+        f"SSD / GLA chunked vs loop reference (T={length}; GLA H=4 K=V=32; SSD H=6 P=32 N=64)",
+        ["op", "pass", "loop ms", "chunked ms", "speed-up", "target"],
+        rows,
+    )

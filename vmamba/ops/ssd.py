@@ -1,0 +1,306 @@
+"""Mamba-2 state-space duality (SSD): a selective scan with one scalar decay per head.
+
+``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_tᵀ``, ``y_t = h_t C_t + D x_t``, optionally ``y_t *= silu(z_t)``;
+``dt = softplus(dt + dt_bias)`` when asked.
+
+Layouts follow mamba-ssm's ``mamba_chunk_scan_combined`` (time-major): ``x, z: (B, T, H, P)``,
+``dt: (B, T, H)``, ``A: (H,)`` (negative), ``B, C: (B, T, G, N)`` where group ``g`` serves heads
+``g * H/G ... (g+1) * H/G - 1``, ``D: (H,)`` or ``(H, P)``, ``dt_bias: (H,)``, state ``(B, H, P, N)``.
+Every form returns ``(y (B, T, H, P), final_states (B, H, P, N) or None)``, accumulates in float32 whatever
+the input dtype (float64 stays float64; autocast is off inside), returns ``y`` in ``x``'s dtype and the state
+in the accumulation dtype.
+
+SSD is decayed linear attention with ``q = C``, ``k = B``, ``v = dt * x`` and the log-decay ``dt * A``, so
+the chunked and quadratic forms run on :mod:`vmamba.ops.chunking` (B and C stay shared by their group of
+heads, the ``C Bᵀ`` products are formed once per group).
+
+Forms, all giving the same numbers:
+
+* :func:`ssd_ref` — the plain loop over T, the reference.
+* :func:`ssd` (default) — chunked: dense matmuls inside chunks, a short loop over chunks carrying the state.
+* :func:`ssd_quadratic` / :func:`ssd_mixing_matrix` — the quadratic form ``y = M (x) + D x`` with the
+  semi-separable ``M[t, s] = C_t . B_s exp(sum_{s<u<=t} dt_u A) dt_s``.
+* :func:`ssd_step` — one token, for streaming inference (mamba-ssm's ``selective_state_update`` order).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
+
+__all__ = ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]
+
+
+def _check(
+    x: Tensor | None,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    initial_states: Tensor | None = None,
+) -> None:
+    if dt.dim() != 3:
+        raise ValueError(f"dt must be (B, T, H), got {tuple(dt.shape)}")
+    batch, length, heads = dt.shape
+    if x is not None and (x.dim() != 4 or x.shape[:3] != dt.shape):
+        raise ValueError(f"x must be (B, T, H, P) with (B, T, H) = {tuple(dt.shape)}, got {tuple(x.shape)}")
+    if A.shape != (heads,):
+        raise ValueError(f"A must be (H,) = ({heads},), got {tuple(A.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (batch, length):
+        raise ValueError(f"B must be (B, T, G, N) with (B, T) = {(batch, length)}, got {tuple(B.shape)}")
+    if C.shape != B.shape:
+        raise ValueError(f"C must match B {tuple(B.shape)} (B, T, G, N), got {tuple(C.shape)}")
+    if heads % B.shape[2] != 0:
+        raise ValueError(f"the number of groups G={B.shape[2]} must divide the number of heads H={heads}")
+    if dt_bias is not None and dt_bias.shape != (heads,):
+        raise ValueError(f"dt_bias must be (H,) = ({heads},), got {tuple(dt_bias.shape)}")
+    if x is None:
+        return
+    head_dim = x.shape[3]
+    if D is not None and D.shape not in ((heads,), (heads, head_dim)):
+        raise ValueError(f"D must be (H,) = ({heads},) or (H, P) = {(heads, head_dim)}, got {tuple(D.shape)}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must match x {tuple(x.shape)}, got {tuple(z.shape)}")
+    if initial_states is not None:
+        expected = (batch, heads, head_dim, B.shape[3])
+        if tuple(initial_states.shape) != expected:
+            raise ValueError(
+                f"initial_states must be (B, H, P, N) = {expected}, got {tuple(initial_states.shape)}"
+            )
+
+
+def _prepare_dt(
+    dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(dt, log_decay = dt * A)``, both ``(B, T, H)`` in ``dtype``; raises if the decay would grow."""
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    log_decay = dt * A.to(dtype)
+    if log_decay.numel() and bool((log_decay > 0).any()):
+        raise ValueError(
+            "dt * A must be <= 0 (a decay): A must be negative and dt non-negative (use dt_softplus=True); "
+            f"got a maximum of {log_decay.max().item():.4g}"
+        )
+    return dt, log_decay
+
+
+def _grouped(t: Tensor, groups: int) -> Tensor:
+    """``(B, T, H, D) -> (B, G, H/G, T, D)``: heads sorted into their B/C groups."""
+    return t.transpose(1, 2).unflatten(1, (groups, -1))
+
+
+def _finish(
+    y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """``y + D x``, then ``* silu(z)``; back to ``x``'s dtype."""
+    if D is not None:
+        D = D.to(dtype)
+        y = y + x.to(dtype) * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(x.dtype)
+
+
+def _run(
+    form,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    initial_states: Tensor | None,
+    return_final_states: bool,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = compute_dtype(x, dt, A, B, C)
+        groups = B.shape[2]
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        v = _grouped(x.to(dtype) * dt[..., None], groups)  # (B, G, R, T, P)
+        q = _grouped(C.to(dtype), groups)  # (B, G, 1, T, N): shared by the group's heads
+        k = _grouped(B.to(dtype), groups)
+        g = _grouped(log_decay[..., None], groups)  # (B, G, R, T, 1)
+        state = None
+        if initial_states is not None:  # (B, H, P, N) -> (B, G, R, N, P): the engine's state is K x V
+            state = initial_states.to(dtype).transpose(-1, -2).unflatten(1, (groups, -1))
+        y, state = form(q, k, v, g, state, **kwargs)
+        y = y.flatten(1, 2).transpose(1, 2)  # (B, T, H, P)
+        final = state.flatten(1, 2).transpose(-1, -2) if return_final_states else None
+        return _finish(y, x, D, z, dtype), final
+
+
+def ssd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = 64,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Chunked SSD (the default form), argument for argument like ``mamba_chunk_scan_combined``.
+
+    Args:
+        x: ``(B, T, H, P)``.
+        dt: ``(B, T, H)`` step sizes (before ``dt_bias`` / softplus when those are given).
+        A: ``(H,)`` negative decay rates (``-exp(A_log)``).
+        B, C: ``(B, T, G, N)``, ``G`` dividing ``H``.
+        chunk_size: tokens per chunk.
+        D: ``(H,)`` or ``(H, P)`` skip connection.
+        z: ``(B, T, H, P)`` gate: ``y * silu(z)``.
+        dt_bias: ``(H,)`` added to dt.
+        dt_softplus: apply softplus to ``dt (+ dt_bias)``.
+        initial_states: ``(B, H, P, N)``; zeros when None.
+        return_final_states: also return the state after the last token.
+
+    Returns:
+        ``(y (B, T, H, P) in x's dtype, final_states (B, H, P, N) float32 or None)``.
+
+    Raises:
+        ValueError: mismatched shapes, a wrong state shape, ``G`` not dividing ``H``, a growing decay
+        (``dt * A > 0``), a bad chunk size.
+
+    Example:
+        >>> x = torch.randn(1, 100, 6, 32); dt = torch.randn(1, 100, 6); A = -torch.rand(6)
+        >>> B = C = torch.randn(1, 100, 1, 64)
+        >>> y, h = ssd(x, dt, A, B, C, dt_softplus=True, return_final_states=True)  # h: (1, 6, 32, 64)
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _run(
+        chunked_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, return_final_states,
+        chunk_size=chunk_size,
+    )
+
+
+def ssd_quadratic(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The quadratic form with the full ``T x T`` semi-separable matrix (O(T²) memory).
+
+    Arguments and returns as :func:`ssd` (without ``chunk_size``).
+    """
+    return _run(
+        quadratic_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, return_final_states
+    )
+
+
+def ssd_mixing_matrix(
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> Tensor:
+    """``M[b, h, t, s] = C_t . B_s exp(sum_{s<u<=t} dt_u A_h) dt_s`` for ``s <= t``, else 0.
+
+    ``dt: (B, T, H)``, ``B, C: (B, T, G, N) -> (B, H, T, T)`` (float32, or float64 for float64 input).
+    From a zero state, ``y = M x + D x`` per head.
+    """
+    _check(None, dt, A, B, C, dt_bias=dt_bias)
+    with torch.autocast(dt.device.type, enabled=False):
+        dtype = compute_dtype(dt, A, B, C)
+        groups = B.shape[2]
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        mix = decay_attention_matrix(
+            _grouped(C.to(dtype), groups), _grouped(B.to(dtype), groups), _grouped(log_decay[..., None], groups)
+        )  # (B, G, R, T, T)
+        return mix.flatten(1, 2) * dt.transpose(1, 2)[:, :, None, :]
+
+
+def ssd_ref(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Plain recurrent loop over T: the reference every other form is tested against.
+
+    Arguments and returns as :func:`ssd` (without ``chunk_size``).
+    """
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    with torch.autocast(x.device.type, enabled=False):
+        batch, length, heads, head_dim = x.shape
+        dtype = compute_dtype(x, dt, A, B, C)
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        repeat = heads // B.shape[2]
+        Bh = B.to(dtype).repeat_interleave(repeat, dim=2)  # (B, T, H, N)
+        Ch = C.to(dtype).repeat_interleave(repeat, dim=2)
+        x32 = x.to(dtype)
+        if initial_states is None:
+            h = x32.new_zeros(batch, heads, head_dim, B.shape[3])
+        else:
+            h = initial_states.to(dtype)
+        ys = []
+        for t in range(length):
+            decay = torch.exp(log_decay[:, t])[:, :, None, None]
+            h = decay * h + (dt[:, t, :, None] * x32[:, t])[..., None] * Bh[:, t, :, None, :]
+            ys.append((h * Ch[:, t, :, None, :]).sum(-1))
+        y = torch.stack(ys, dim=1) if ys else x32.new_zeros(x.shape)
+        return _finish(y, x, D, z, dtype), h if return_final_states else None
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One recurrent step for streaming inference (argument order of mamba-ssm's ``selective_state_update``).
+
+    Args:
+        state: ``(B, H, P, N)``.
+        x, z: ``(B, H, P)``; dt: ``(B, H)``; B, C: ``(B, G, N)``.
+
+    Returns:
+        ``(y (B, H, P) in x's dtype, new_state (B, H, P, N) float32)``.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"ssd_step takes one token: x must be (B, H, P), got {tuple(x.shape)}")
+    y, new_state = ssd_ref(
+        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None],
+        dt_bias, dt_softplus, initial_states=state, return_final_states=True,
+    )
+    return y[:, 0], new_state
