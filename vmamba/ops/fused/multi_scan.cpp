@@ -1,7 +1,7 @@
 // Fused CPU selective scan over K directions of a shared map, merged in place.
 //
 // Layout (all float32, contiguous, "map" rows p = 0..L-1, channels d contiguous):
-//   u      (B, L, D)          input, shared by every direction
+//   u      (B, L, Ku, D)      input; Ku = 1 (shared by every direction) or K (one per direction)
 //   delta  (B, L, K, D)       raw dt per direction (bias / softplus applied here)
 //   A      (K, N, D)          negative decay rates
 //   Bm, Cm (B, L, K, G, N)    input / output projections, group g serves channels g*D/G..(g+1)*D/G-1
@@ -24,8 +24,11 @@
 
 namespace {
 
-// 8 float lanes via GCC/Clang vector extensions: portable C++, compiled to AVX/AVX-512/NEON as available.
-constexpr int W = 8;
+// Float lanes via GCC/Clang vector extensions: portable C++, compiled to AVX-512 / AVX / NEON as available.
+#ifndef VMAMBA_LANES
+#define VMAMBA_LANES 8
+#endif
+constexpr int W = VMAMBA_LANES;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -91,7 +94,9 @@ inline vf vsoftplus(vf x) {
 }
 
 struct Dims {
-  int64_t B, L, K, D, G, N, blocks;
+  int64_t B, L, K, Ku, D, G, N, blocks;
+  // Offset of (row, direction k) in u / du.
+  int64_t u_at(int64_t row, int64_t k) const { return (row * Ku + (Ku == 1 ? 0 : k)) * D; }
 };
 
 // Step sizes of one row for one direction: dt = softplus(delta + bias) (or delta + bias).
@@ -116,7 +121,7 @@ void forward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const f
     for (int64_t t = 0; t < s.L; ++t) {
       const int64_t row = b * s.L + idx[t];
       const vf dt = step_size(s, delta, bias, row, k, d0, softplus);
-      const vf dtu = dt * loadv(u + row * s.D + d0);
+      const vf dtu = dt * loadv(u + s.u_at(row, k) + d0);
       const float* Bv = Bm + ((row * s.K + k) * s.G + g) * s.N;
       const float* Cv = Cm + ((row * s.K + k) * s.G + g) * s.N;
       vf acc = splat(0.0f);
@@ -149,7 +154,7 @@ void backward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const 
       const int64_t row = b * s.L + idx[t];
       const vf dt = step_size(s, delta, bias, row, k, d0, softplus);
       dts[t] = dt;
-      const vf dtu = dt * loadv(u + row * s.D + d0);
+      const vf dtu = dt * loadv(u + s.u_at(row, k) + d0);
       const float* Bv = Bm + ((row * s.K + k) * s.G + g) * s.N;
       const vf* hp = hs.data() + t * s.N;
       vf* hn = hs.data() + (t + 1) * s.N;
@@ -164,7 +169,7 @@ void backward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const 
     for (int64_t t = s.L - 1; t >= 0; --t) {
       const int64_t p = idx[t];
       const int64_t row = b * s.L + p;
-      const vf uu = loadv(u + row * s.D + d0);
+      const vf uu = loadv(u + s.u_at(row, k) + d0);
       const vf gy = loadv(dy + row * s.D + d0);
       const float* Bv = Bm + ((row * s.K + k) * s.G + g) * s.N;
       const float* Cv = Cm + ((row * s.K + k) * s.G + g) * s.N;
@@ -187,7 +192,7 @@ void backward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const 
         dAacc[n] += da * dt;
         dh[n] = dhn * a;
       }
-      float* duo = du + row * s.D + d0;
+      float* duo = du + s.u_at(row, k) + d0;
       storev(duo, loadv(duo) + ddtu * dt);
       vf total = ddt + ddtu * uu;
       if (softplus) total = total * (1.0f - vexp(-dt));  // sigmoid(x) = 1 - exp(-softplus(x))
@@ -202,18 +207,20 @@ void backward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const 
 
 Dims check(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
            const torch::Tensor& index) {
-  TORCH_CHECK(u.dim() == 3 && delta.dim() == 4 && A.dim() == 3 && Bm.dim() == 5 && index.dim() == 2,
+  TORCH_CHECK(u.dim() == 4 && delta.dim() == 4 && A.dim() == 3 && Bm.dim() == 5 && index.dim() == 2,
               "multi_scan: bad ranks");
   Dims s;
   s.B = u.size(0);
   s.L = u.size(1);
-  s.D = u.size(2);
+  s.Ku = u.size(2);
+  s.D = u.size(3);
   s.K = delta.size(2);
   s.N = A.size(1);
   s.G = Bm.size(3);
+  TORCH_CHECK(s.Ku == 1 || s.Ku == s.K, "multi_scan: u must have 1 or K directions");
   TORCH_CHECK(s.N <= 64, "multi_scan: d_state must be <= 64");
   TORCH_CHECK(s.D % s.G == 0, "multi_scan: groups must divide channels");
-  TORCH_CHECK((s.D / s.G) % W == 0, "multi_scan: channels per group must be a multiple of 8");
+  TORCH_CHECK((s.D / s.G) % W == 0, "multi_scan: channels per group must be a multiple of the SIMD width");
   s.blocks = s.D / W;
   return s;
 }
@@ -273,4 +280,5 @@ std::vector<torch::Tensor> multi_scan_backward(torch::Tensor u, torch::Tensor de
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &multi_scan_forward, "fused multi-direction selective scan (forward)");
   m.def("backward", &multi_scan_backward, "fused multi-direction selective scan (backward)");
+  m.attr("lanes") = W;
 }

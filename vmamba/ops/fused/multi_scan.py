@@ -10,7 +10,6 @@ from .loader import load
 __all__ = ["fused_multi_scan", "fused_selective_scan"]
 
 _EMPTY = torch.empty(0)
-LANES = 8  # channels per SIMD block in multi_scan.cpp
 
 
 class _MultiScan(torch.autograd.Function):
@@ -69,7 +68,8 @@ def fused_multi_scan(
     Direction ``k`` visits map row ``index[k, t]`` at step ``t``; every direction reads the same ``u``.
 
     Args:
-        u: ``(B, L, D)`` map rows (channels last).
+        u: ``(B, L, D)`` map rows (channels last), shared by every direction, or ``(B, L, K, D)``, one
+            input per direction (still in map-row order).
         delta: ``(B, L, K, D)`` raw step sizes per direction, in map-row order.
         A: ``(K, N, D)`` (negative) decay rates.
         B, C: ``(B, L, K, G, N)``; group ``g`` serves channels ``g*D/G .. (g+1)*D/G - 1``.
@@ -80,11 +80,13 @@ def fused_multi_scan(
     Returns:
         ``y (B, L, D)``: ``sum_k <C, h>`` per row (no D skip, no gate), and ``last_state (B, K, N, D)``.
     """
+    if u.dim() == 3:
+        u = u.unsqueeze(2)
     groups, dim = B.shape[3], u.shape[-1]
     if dim % groups != 0:
         raise ValueError(f"{groups} groups do not divide {dim} channels")
     per_group = dim // groups
-    pad = -per_group % LANES
+    pad = -per_group % load().lanes  # the kernel works on blocks of SIMD-width channels
 
     def prep(t: Tensor | None) -> Tensor | None:
         """float32, contiguous, each group's channels (last axis) zero-padded to a multiple of LANES."""
