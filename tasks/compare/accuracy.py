@@ -1,0 +1,109 @@
+"""Accuracy at equal budget: every model trained by the task's own training job with one shared recipe.
+
+Nothing here trains: classification runs through :mod:`tasks.classification` (timm's pipeline) and
+segmentation through :mod:`tasks.segmentation` (MONAI's). This module only swaps the model into the
+shared recipe, applies the same budget overrides and data folder to every model, and reads the final
+validation metrics back. A model whose training fails gets n/a with the reason; the others go on.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import CompareConfig, ModelSpec, Task
+from .models import size_kwargs
+
+__all__ = ["AccuracyResult", "PRIMARY_METRIC", "run_accuracy"]
+
+# The headline metric per task (the accuracy axis of the plot) and how tables name it.
+PRIMARY_METRIC: dict[Task, tuple[str, str]] = {
+    Task.CLASSIFICATION: ("top1", "Top-1 (%)"),
+    Task.SEGMENTATION: ("dice", "Mean Dice"),
+}
+
+
+@dataclass
+class AccuracyResult:
+    """Final validation metrics of one model's training run, or n/a with the reason."""
+
+    label: str
+    ok: bool
+    reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_seconds: float | None = None
+    run_dir: str | None = None
+
+    def describe(self) -> str:
+        if not self.ok:
+            return f"n/a ({self.reason})"
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in self.metrics.items())
+        return f"{shown} in {self.train_seconds:.0f} s"
+
+
+def run_accuracy(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> AccuracyResult:
+    """Train ``spec`` with the shared recipe and budget into ``run_dir``; return its validation metrics."""
+    start = time.perf_counter()
+    try:
+        if cfg.task is Task.CLASSIFICATION:
+            metrics = _classification(cfg, spec, run_dir)
+        else:
+            metrics = _segmentation(cfg, spec, run_dir)
+    except Exception as err:  # noqa: BLE001 - one model's failure must not end the comparison
+        (run_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return AccuracyResult(spec.display, ok=False, reason=f"{type(err).__name__}: {first}"[:300],
+                              run_dir=str(run_dir))
+    return AccuracyResult(spec.display, ok=True, metrics=metrics, train_seconds=time.perf_counter() - start,
+                          run_dir=str(run_dir))
+
+
+def _recipe_overrides(cfg: CompareConfig) -> list[str]:
+    """The shared budget as ``key=value`` strings for the recipe's own loader (values as JSON, which YAML reads)."""
+    return [f"{key}={json.dumps(value)}" for key, value in cfg.accuracy.overrides.items()]
+
+
+def _fresh_dir(run_dir: Path) -> Path:
+    """A rerun of the comparison replaces its own earlier training run of this model."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _classification(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[str, float]:
+    """Train with :func:`tasks.classification.train.train`; the final epoch's validation metrics.
+
+    The final epoch (not the best one) is reported: choosing the best epoch on the validation split would
+    give models with noisier curves an edge at equal budget.
+    """
+    from tasks.classification.config import ClassificationConfig, resolve_config_path
+    from tasks.classification.train import DEFAULT_CONFIG, train
+    from tasks.common.config import load_config
+
+    acc = cfg.accuracy
+    overrides = _recipe_overrides(cfg)
+    if acc.data:
+        overrides += [f"data.root={json.dumps(acc.data)}", "data.builtin=none"]
+    recipe = load_config(ClassificationConfig, resolve_config_path(acc.recipe or DEFAULT_CONFIG), overrides)
+    recipe.model.name = spec.name
+    recipe.model.kwargs = {**spec.kwargs,
+                           **size_kwargs(spec, Task.CLASSIFICATION, recipe.data.img_size)}
+    recipe.model.init_checkpoint = None
+    recipe.train.output_dir = str(_fresh_dir(run_dir))
+    recipe.train.seed = acc.seed
+    recipe.train.progress = False
+    recipe.train.threads = recipe.train.threads or cfg.speed.threads
+    summary = train(recipe)
+    last = summary.last
+    if "val_top1" not in last:
+        raise RuntimeError(f"training returned no validation metrics (epochs done: {summary.epochs_done})")
+    return {"top1": float(last["val_top1"]), "top5": float(last["val_top5"]), "val_loss": float(last["val_loss"])}
+
+
+def _segmentation(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[str, float]:
+    raise NotImplementedError("segmentation training (tasks.segmentation) is not available yet")
