@@ -275,7 +275,7 @@ class Vim(nn.Module):
         kwargs = dict(mixer_kwargs or {})
         if mixer is MixerType.MAMBA:
             kwargs.setdefault("d_state", d_state)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.Sequential(
             *[
                 VimBlock(embed_dim, scan, mixer, kwargs, d_conv, expand, norm_eps, drop_path=dpr[i])
@@ -353,7 +353,9 @@ class Vim(nn.Module):
         pos_embed = self.pos_embed
         if grid != self.patch_embed.grid_size:
             pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
-        return self.pos_drop(tokens + pos_embed).float(), grid
+        tokens = self.pos_drop(tokens + pos_embed)
+        # The residual stream is kept in (at least) float32, as the official residual_in_fp32.
+        return tokens.to(torch.promote_types(tokens.dtype, torch.float32)), grid
 
     def _run_block(self, block: VimBlock, x: Tensor, grid: tuple[int, int]) -> Tensor:
         cls_index = self.cls_index(x.shape[1])
