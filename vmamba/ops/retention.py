@@ -16,16 +16,19 @@ Forms (:class:`RetentionMode`), all giving the same numbers:
 * ``chunk`` (default) — dense matmuls inside chunks of ``chunk_size`` tokens and a short loop over
   chunks carrying the state.
 
+Retention is the scalar-decay case of the shared engine in :mod:`vmamba.ops.chunking` (also behind SSD
+and GLA), which evaluates the parallel and chunked forms.
+
 :func:`retention_step` is the single-step form for streaming inference.
 """
 from __future__ import annotations
 
-import math
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
 
 __all__ = [
     "RetentionMode",
@@ -84,11 +87,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, initial_state: Tensor | None) -> Non
             raise ValueError(f"initial_state must be (B, H, K, V) = {expected}, got {tuple(initial_state.shape)}")
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 when any input is float64 (for gradcheck), else float32: never accumulate below float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _scale(scale: float | None, head_dim: int) -> float:
     return head_dim**-0.5 if scale is None else float(scale)
 
@@ -142,13 +140,14 @@ def retention_step(
     return o[:, 0], new_state
 
 
-def _decay_matrix(log_decay: Tensor, length: int) -> Tensor:
-    """``D[h, t, s] = gamma_h^(t-s)`` for ``s <= t``, else 0: ``(H, T, T)`` in ``log_decay``'s dtype."""
-    pos = torch.arange(length, device=log_decay.device, dtype=log_decay.dtype)
-    diff = pos[:, None] - pos[None, :]
-    causal = diff >= 0
-    # clamp before exp so the masked (future) half never produces inf
-    return torch.where(causal, torch.exp(log_decay[:, None, None] * diff.clamp(min=0)), 0.0)
+def _head_major(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(B, T, H, D)`` inputs -> head-major ``(B, H, T, D)`` in the compute dtype with the scale folded into
+    q, plus the per-token log-decay ``(1, H, T, 1)`` that the shared chunking engine takes."""
+    cdt = compute_dtype(q, k, v)
+    qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))
+    heads, length = q.shape[2], q.shape[1]
+    log_decay = retention_log_decays(heads, q.device, cdt)[None, :, None, None].expand(1, heads, length, 1)
+    return qh * scale, kh, vh, log_decay
 
 
 def retention_mixing_matrix(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
@@ -159,68 +158,8 @@ def retention_mixing_matrix(q: Tensor, k: Tensor, scale: float | None = None) ->
     """
     _check(q, k, k, None)
     with torch.autocast(q.device.type, enabled=False):
-        s = _scale(scale, q.shape[-1])
-        cdt = compute_dtype(q, k)
-        scores = torch.einsum("bthk,bshk->bhts", q.to(cdt), k.to(cdt))
-        return scores * (_decay_matrix(retention_log_decays(q.shape[2], q.device, cdt), q.shape[1]) * s)
-
-
-def _retention_parallel(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, initial_state: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    batch, length, heads, dk = q.shape
-    cdt = compute_dtype(q, k, v)
-    log_decay = retention_log_decays(heads, q.device, cdt)
-    q32, k32, v32 = q.to(cdt), k.to(cdt), v.to(cdt)
-    mix = retention_mixing_matrix(q32, k32, scale)
-    o = torch.einsum("bhts,bshv->bthv", mix, v32)
-    pos = torch.arange(length, device=q.device, dtype=cdt)
-    # contribution of each key to the final state: gamma^(T-1-s)
-    tail = torch.exp(log_decay[None, :] * (length - 1 - pos)[:, None])  # (T, H)
-    state = torch.einsum("bthk,th,bthv->bhkv", k32, tail, v32)
-    if initial_state is not None:
-        s0 = initial_state.to(cdt)
-        head_decay = torch.exp(log_decay[None, :] * (pos + 1)[:, None])  # (T, H): gamma^(t+1)
-        o = o + torch.einsum("bthk,th,bhkv->bthv", q32, head_decay * scale, s0)
-        state = state + torch.exp(log_decay * length)[None, :, None, None] * s0
-    return o, state
-
-
-def _retention_chunk(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, initial_state: Tensor | None, chunk_size: int
-) -> tuple[Tensor, Tensor]:
-    batch, length, heads, dk = q.shape
-    dv = v.shape[-1]
-    n = max(1, math.ceil(length / chunk_size))
-    pad = n * chunk_size - length
-    # per-token log decay; zero on the padding so that padded steps leave the state untouched
-    cdt = compute_dtype(q, k, v)
-    g = F.pad(retention_log_decays(heads, q.device, cdt).expand(length, heads), (0, 0, 0, pad))
-    q32, k32, v32 = (F.pad(t.to(cdt), (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
-
-    def chunked(t: Tensor) -> Tensor:  # (B, nQ, H, D) -> (B, H, n, Q, D)
-        return t.reshape(batch, n, chunk_size, heads, t.shape[-1]).permute(0, 3, 1, 2, 4)
-
-    qc, kc, vc = chunked(q32), chunked(k32), chunked(v32)
-    cum = g.reshape(n, chunk_size, heads).permute(2, 0, 1).cumsum(-1)  # (H, n, Q), inclusive, <= 0
-    diff = cum[..., :, None] - cum[..., None, :]  # (H, n, Q, Q) = log gamma^(t-s)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    decay = torch.where(causal, torch.exp(diff.clamp(max=0)), 0.0)
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * decay  # (B, H, n, Q, Q)
-    o = torch.matmul(scores, vc)
-    # what each chunk adds to the state, decayed to the chunk's end
-    to_end = torch.exp(cum[..., -1:] - cum)  # (H, n, Q)
-    added = torch.matmul((kc * to_end[..., None]).transpose(-1, -2), vc)  # (B, H, n, K, V)
-    chunk_decay = torch.exp(cum[..., -1])[..., None, None]  # (H, n, 1, 1)
-    state = q32.new_zeros(batch, heads, dk, dv) if initial_state is None else initial_state.to(cdt)
-    before = []
-    for c in range(n):
-        before.append(state)
-        state = chunk_decay[:, c] * state + added[:, :, c]
-    states = torch.stack(before, dim=2)  # (B, H, n, K, V): the state entering each chunk
-    o = o + torch.matmul(qc * torch.exp(cum)[..., None], states)
-    o = (o * scale).permute(0, 2, 3, 1, 4).reshape(batch, n * chunk_size, heads, dv)[:, :length]
-    return o, state
+        qh, kh, _, log_decay = _head_major(q, k, k, _scale(scale, q.shape[-1]))
+        return decay_attention_matrix(qh, kh, log_decay)
 
 
 def retention(
@@ -260,10 +199,12 @@ def retention(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if mode is RetentionMode.RECURRENT:
         return retention_ref(q, k, v, scale, initial_state, output_final_state)
-    s = _scale(scale, q.shape[-1])
     with torch.autocast(q.device.type, enabled=False):
+        qh, kh, vh, log_decay = _head_major(q, k, v, _scale(scale, q.shape[-1]))
+        s0 = None if initial_state is None else initial_state.to(qh.dtype)
         if mode is RetentionMode.PARALLEL:
-            o, state = _retention_parallel(q, k, v, s, initial_state)
+            o, state = quadratic_decay_attention(qh, kh, vh, log_decay, s0)
         else:
-            o, state = _retention_chunk(q, k, v, s, initial_state, chunk_size)
+            o, state = chunked_decay_attention(qh, kh, vh, log_decay, s0, chunk_size)
+        o = o.transpose(1, 2)
     return o.to(v.dtype), _final(state, output_final_state)

@@ -21,9 +21,9 @@ Forms, all giving the same numbers:
 
 Numerical stability: in-chunk pairwise decays ``exp(G_t - G_s)`` (``G`` the in-chunk cumulative log
 decay, per key channel) are factorised around a per-channel reference point in the middle of the chunk,
-so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)``; when ``chunk_size * max|w|`` would exceed
-:data:`LOG_RANGE_LIMIT` the chunk is shortened accordingly (strong decays: shorter chunks, never inf/NaN).
-Cross-chunk decays only ever use ``exp`` of non-positive numbers.
+so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)``; when ``(chunk_size - 1) * max|w|`` would exceed
+:data:`LOG_RANGE_LIMIT` the chunk is shortened accordingly (strong decays: shorter chunks, down to one
+token, never inf/NaN). Cross-chunk decays only ever use ``exp`` of non-positive numbers.
 """
 from __future__ import annotations
 
@@ -33,14 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .chunking import compute_dtype
+
 __all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix", "LOG_RANGE_LIMIT"]
 
 #: Largest in-chunk log-decay range the factorised form accepts (each factor stays within e^±30).
 LOG_RANGE_LIMIT = 60.0
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check(
@@ -85,7 +83,7 @@ def rwkv7_ref(
     with torch.autocast(r.device.type, enabled=False):
         batch, length, heads, dk = r.shape
         s = _scale(scale, dk)
-        cdt, out_dtype = _compute_dtype(r, w, k, v, a, b), v.dtype
+        cdt, out_dtype = compute_dtype(r, w, k, v, a, b), v.dtype
         r, w, k, v, a, b = (t.to(cdt) for t in (r, w, k, v, a, b))
         decay = torch.exp(w)
         state = r.new_zeros(batch, heads, dk, v.shape[-1]) if initial_state is None else initial_state.to(cdt)
@@ -123,11 +121,16 @@ def rwkv7_step(
 
 
 def _effective_chunk(chunk_size: int, w: Tensor) -> int:
-    """Shorten the chunk when strong decays would push the in-chunk log range past the limit."""
+    """Shorten the chunk when strong decays would push the in-chunk log range past the limit.
+
+    A chunk of Q tokens spans Q - 1 decay steps between its first and last key, so
+    ``(Q - 1) * max|w| <= LOG_RANGE_LIMIT`` keeps both factors of every pairwise decay within
+    ``exp(LOG_RANGE_LIMIT / 2)``; Q = 1 is always safe.
+    """
     strongest = float(-w.detach().min()) if w.numel() else 0.0
-    if strongest * chunk_size <= LOG_RANGE_LIMIT:
+    if strongest * (chunk_size - 1) <= LOG_RANGE_LIMIT:
         return chunk_size
-    return max(1, min(chunk_size, int(LOG_RANGE_LIMIT // strongest)))
+    return max(1, min(chunk_size, 1 + int(LOG_RANGE_LIMIT // strongest)))
 
 
 def _rwkv7_chunk(
@@ -143,7 +146,7 @@ def _rwkv7_chunk(
 ) -> tuple[Tensor, Tensor]:
     batch, length, heads, dk = r.shape
     dv = v.shape[-1]
-    cdt = _compute_dtype(r, w, k, v, a, b)
+    cdt = compute_dtype(r, w, k, v, a, b)
     q_len = chunk_size
     n = max(1, math.ceil(length / q_len))
     pad = n * q_len - length
@@ -154,12 +157,17 @@ def _rwkv7_chunk(
 
     rc, wc, kc, vc, ac, bc = (chunked(t) for t in (r, w, k, v, a, b))
     g_in = wc.cumsum(-2)  # G_t: log decay from the chunk start through t
-    g_ex = g_in - wc  # G_{t-1}: through t-1 (what a_t^T S_{t-1} sees)
-    # Per-channel reference point mid-chunk: left factors exp(G - ref) and right factors exp(ref - G_s)
-    # each stay within exp(range / 2); their product is the (<= 1) pairwise decay.
-    ref = g_ex[..., q_len // 2 : q_len // 2 + 1, :]
-    right = torch.exp(ref - g_in)
-    left = torch.cat([rc * torch.exp(g_in - ref), ac * torch.exp(g_ex - ref)], dim=-2)  # (.., 2Q, K)
+    g_ex = F.pad(g_in[..., :-1, :], (0, 0, 1, 0))  # G_{t-1}: through t-1 (what a_t^T S_{t-1} sees)
+    # Pairwise decays exp(G_x - G_s) (x = t or t-1 >= s) factorised around a per-channel reference point
+    # G_ref mid-chunk: exp(G_x - G_ref) * exp(G_ref - G_s). On every unmasked pair both exponents are at
+    # most (Q-1)/2 * max|w| <= LOG_RANGE_LIMIT / 2; the clamp only touches factors that meet masked pairs
+    # alone (e.g. a_0, which has no earlier key), keeping them finite.
+    half = LOG_RANGE_LIMIT / 2
+    ref = g_in[..., (q_len - 1) // 2 : (q_len - 1) // 2 + 1, :]
+    right = torch.exp((ref - g_in).clamp(max=half))
+    left = torch.cat(
+        [rc * torch.exp((g_in - ref).clamp(max=half)), ac * torch.exp((g_ex - ref).clamp(max=half))], dim=-2
+    )  # (.., 2Q, K)
     pair = torch.matmul(left, torch.cat([kc * right, bc * right], dim=-2).transpose(-1, -2))  # (.., 2Q, 2Q)
     ones = torch.ones(q_len, q_len, dtype=torch.bool, device=r.device)
     incl, strict = ones.tril(), ones.tril(-1)
@@ -266,7 +274,7 @@ def rwkv7_mixing_matrix(
     if block <= 0:
         raise ValueError(f"block must be positive, got {block}")
     batch, length, heads, _ = r.shape
-    cdt = _compute_dtype(r, w, k, a, b)
+    cdt = compute_dtype(r, w, k, a, b)
     cols = []
     for start in range(0, length, block):
         stop = min(length, start + block)
