@@ -182,3 +182,42 @@ def test_end_to_end_tiny_run_writes_every_file(tmp_path: Path, capsys) -> None:
     text = (out / "results.md").read_text()
     assert "Top-1 (%)" in text and "GMACs @32" in text and "n/a" not in text.split("Not available")[0]
     assert "| convnext_atto |" in capsys.readouterr().out
+
+
+def test_timeout_skips_larger_sizes_and_report_says_why(tmp_path: Path, monkeypatch) -> None:
+    """A child that times out at one size is not retried at larger ones; the report shows n/a and the reason."""
+    from tasks.compare import runner
+    from tasks.compare.accuracy import AccuracyResult
+    from tasks.compare.report import write_report
+    from tasks.compare.speed import CellResult
+
+    calls = []
+
+    def fake_run_cell(job: CellJob) -> CellResult:
+        calls.append((job.spec.name, job.resolution))
+        if job.spec.name == "slow" and job.resolution >= 64:
+            return CellResult(job.spec.display, job.resolution, job.trial, ok=False,
+                              reason=f"timed out after 1 s at {job.resolution}")
+        return CellResult(job.spec.display, job.resolution, job.trial, ok=True, params=1000, flops=2e9 * job.resolution,
+                          step_seconds=[0.01 * job.resolution, 0.02 * job.resolution], batch_size=1,
+                          peak_memory_bytes=2**20 * job.resolution, memory_method="test")
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    cfg = config_from_dict({"models": [{"name": "fast"}, {"name": "slow"}], "output": str(tmp_path),
+                            "speed": {"resolutions": [32, 64, 128]}, "accuracy": {"enabled": False}})
+    cells = runner.measure_speed(cfg, progress=lambda _: None)
+    assert calls == [("fast", 32), ("fast", 64), ("fast", 128), ("slow", 32), ("slow", 64)]
+    models = runner.summarise(cfg, cells, {"fast": AccuracyResult("fast", ok=True, metrics={"top1": 50.0},
+                                                                  train_seconds=1.0)})
+    fast, slow = models
+    assert fast.time_exponent == pytest.approx(0.5)  # step time ~ resolution = tokens ** 0.5
+    assert fast.flops_exponent == pytest.approx(0.5) and fast.memory_exponent == pytest.approx(0.5)
+    assert fast.cell(64).images_per_second == pytest.approx(1 / 0.96)  # batch / median step
+    assert [c.ok for c in slow.cells] == [True, False, False]
+    assert slow.cell(128).reason == "skipped: timed out after 1 s at 64"
+    assert slow.time_exponent is None
+    write_report(runner.CompareResult(config=cfg, models=models, raw_cells=cells), tmp_path)
+    text = (tmp_path / "results.md").read_text()
+    assert "- slow @ 64: n/a, timed out after 1 s at 64" in text
+    assert "- slow accuracy" not in text and "| slow | 0.001 | 32 |" in text
+    assert not (tmp_path / "accuracy_vs_flops.png").exists()  # accuracy was off

@@ -40,7 +40,7 @@ from tasks.common.checkpoint import atomic_write  # noqa: E402
 from tasks.common.config import save_config  # noqa: E402
 
 from .accuracy import PRIMARY_METRIC  # noqa: E402
-from .config import CompareConfig, config_to_dict  # noqa: E402
+from .config import CompareConfig, PassMode, config_to_dict  # noqa: E402
 from .runner import CompareResult, ModelSummary  # noqa: E402
 
 __all__ = ["REPORT_FILES", "write_report", "environment_record", "markdown_tables"]
@@ -140,7 +140,8 @@ def markdown_tables(result: CompareResult) -> str:
     for m in result.models:
         if m.accuracy is not None:
             extra_metrics += [k for k in m.accuracy.metrics if k != metric_key and k not in extra_metrics]
-    header = ["Model", "Params (M)", f"GMACs @{ref}"]
+    passes = " fwd+bwd" if speed.mode is PassMode.FORWARD_BACKWARD else ""
+    header = ["Model", "Params (M)", f"GMACs @{ref}{passes}"]
     if has_accuracy:
         header += [metric_name] + extra_metrics + ["Train (s)"]
     header += ["Time exp.", "Memory exp."]
