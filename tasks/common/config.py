@@ -42,6 +42,7 @@ __all__ = [
     "describe_config",
     "parse_value",
     "save_config",
+    "resolve_recipe_path",
 ]
 
 
@@ -295,3 +296,20 @@ def describe_config(cls: type, prefix: str = "") -> str:
         lines.append(f"  {key} = {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
                      f"{choices}  {f.metadata.get('help', '')}".rstrip())
     return "\n".join(lines)
+
+
+def resolve_recipe_path(name_or_path: str | Path, recipe_dir: str | Path) -> Path:
+    """A config file path, or the bare name of a recipe ``<recipe_dir>/<name>.yaml``.
+
+    Raises:
+        FileNotFoundError: neither exists (the message lists the recipes).
+    """
+    path, recipe_dir = Path(name_or_path), Path(recipe_dir)
+    if path.is_file():
+        return path
+    recipe = recipe_dir / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and recipe.is_file():
+        return recipe
+    known = sorted(p.stem for p in recipe_dir.glob("*.yaml")) if recipe_dir.is_dir() else []
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a recipe in {recipe_dir} "
+                            f"(recipes: {', '.join(known) or 'none'})")
