@@ -1,0 +1,203 @@
+"""SSD (Mamba-2): chunked, quadratic and step forms against the plain loop reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vmamba.ops import ssd, ssd_mixing_matrix, ssd_quadratic, ssd_ref, ssd_step
+
+
+def _inputs(batch=2, length=37, heads=4, head_dim=3, groups=2, d_state=5, dtype=torch.float64):
+    x = torch.randn(batch, length, heads, head_dim, dtype=dtype)
+    dt = torch.randn(batch, length, heads, dtype=dtype)
+    A = -torch.rand(heads, dtype=dtype) * 3 - 0.1
+    B = torch.randn(batch, length, groups, d_state, dtype=dtype)
+    C = torch.randn(batch, length, groups, d_state, dtype=dtype)
+    return x, dt, A, B, C
+
+
+def _extras(x, dt, B, per_channel_d=False):
+    heads, head_dim = x.shape[2], x.shape[3]
+    return dict(
+        D=torch.randn(heads, head_dim, dtype=x.dtype) if per_channel_d else torch.randn(heads, dtype=x.dtype),
+        z=torch.randn_like(x),
+        dt_bias=torch.randn(heads, dtype=x.dtype),
+        dt_softplus=True,
+    )
+
+
+def _state(x, B):
+    return torch.randn(x.shape[0], x.shape[2], x.shape[3], B.shape[3], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("length", [1, 5, 16, 37, 64])
+@pytest.mark.parametrize("chunk_size", [1, 6, 16, 64])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_matches_loop(length, chunk_size, with_state):
+    x, dt, A, B, C = _inputs(length=length)
+    kw = _extras(x, dt, B, per_channel_d=chunk_size == 6)
+    h0 = _state(x, B) if with_state else None
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, initial_states=h0, return_final_states=True, **kw)
+    y, h = ssd(x, dt, A, B, C, chunk_size=chunk_size, initial_states=h0, return_final_states=True, **kw)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_groups_and_plain_dt(groups):
+    x, dt, A, B, C = _inputs(length=20, groups=groups)
+    dt = dt.abs()  # no softplus: dt must already be a non-negative step
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, return_final_states=True)
+    y, h = ssd(x, dt, A, B, C, chunk_size=8, return_final_states=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(h, h_ref)
+
+
+def test_float32_matches_float64_loop():
+    x, dt, A, B, C = _inputs(length=150, heads=6, head_dim=8, groups=1, d_state=16)
+    kw = _extras(x, dt, B)
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, return_final_states=True, **kw)
+    f32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    y, h = ssd(*(t.float() for t in (x, dt, A, B, C)), return_final_states=True, **f32)
+    assert y.dtype == torch.float32 and h.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_match_loop():
+    x, dt, A, B, C = _inputs(length=29)
+    kw = _extras(x, dt, B, per_channel_d=True)
+    h0 = _state(x, B)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, kw["D"], kw["z"], kw["dt_bias"], h0)]
+    weights = torch.randn_like(x)
+    state_w = torch.randn_like(h0)
+
+    def grads(fn, **extra):
+        y, h = fn(x, dt, A, B, C, initial_states=h0, return_final_states=True, **kw, **extra)
+        return torch.autograd.grad((y * weights).sum() + (h * state_w).sum(), leaves)
+
+    for got, want in zip(grads(ssd, chunk_size=8), grads(ssd_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_chunked_and_quadratic():
+    x, dt, A, B, C = _inputs(batch=1, length=6, heads=2, head_dim=2, groups=1, d_state=3)
+    h0 = _state(x, B)
+    D, z, bias = torch.randn(2, dtype=x.dtype), torch.randn_like(x), torch.randn(2, dtype=x.dtype)
+    leaves = tuple(t.requires_grad_() for t in (x, dt, A, B, C, D, z, bias, h0))
+
+    def chunked(x, dt, A, B, C, D, z, bias, h0):
+        return ssd(x, dt, A, B, C, chunk_size=4, D=D, z=z, dt_bias=bias, dt_softplus=True, initial_states=h0,
+                   return_final_states=True)
+
+    def quadratic(x, dt, A, B, C, D, z, bias, h0):
+        return ssd_quadratic(x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True, initial_states=h0,
+                             return_final_states=True)
+
+    assert torch.autograd.gradcheck(chunked, leaves)
+    assert torch.autograd.gradcheck(quadratic, leaves)
+
+
+def test_quadratic_and_mixing_matrix_match_loop():
+    x, dt, A, B, C = _inputs(length=23)
+    kw = _extras(x, dt, B)
+    h0 = _state(x, B)
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, initial_states=h0, return_final_states=True, **kw)
+    y, h = ssd_quadratic(x, dt, A, B, C, initial_states=h0, return_final_states=True, **kw)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(h, h_ref)
+    mix = ssd_mixing_matrix(dt, A, B, C, dt_bias=kw["dt_bias"], dt_softplus=True)  # (B, H, T, T)
+    assert mix.shape == (2, 4, 23, 23)
+    assert torch.all(mix.triu(1) == 0)
+    y_zero, _ = ssd_ref(x, dt, A, B, C, dt_bias=kw["dt_bias"], dt_softplus=True)
+    torch.testing.assert_close(torch.einsum("bhts,bshp->bthp", mix, x), y_zero)
+
+
+def test_step_over_sequence_equals_full():
+    x, dt, A, B, C = _inputs(length=11)
+    kw = _extras(x, dt, B)
+    h0 = _state(x, B)
+    y_full, h_full = ssd(x, dt, A, B, C, chunk_size=4, initial_states=h0, return_final_states=True, **kw)
+    state, outs = h0, []
+    for t in range(x.shape[1]):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D=kw["D"], z=kw["z"][:, t],
+                              dt_bias=kw["dt_bias"], dt_softplus=True)
+        outs.append(y_t)
+    torch.testing.assert_close(torch.stack(outs, 1), y_full)
+    torch.testing.assert_close(state, h_full)
+
+
+def test_two_calls_carrying_state_equal_one():
+    x, dt, A, B, C = _inputs(length=50)
+    kw = _extras(x, dt, B)
+    y_full, h_full = ssd(x, dt, A, B, C, chunk_size=16, return_final_states=True, **kw)
+    cut = 21
+    first = {k: (v[:, :cut] if k == "z" else v) for k, v in kw.items()}
+    second = {k: (v[:, cut:] if k == "z" else v) for k, v in kw.items()}
+    y1, h1 = ssd(*(t[:, :cut] if t.dim() > 1 else t for t in (x, dt, A, B, C)), chunk_size=16,
+                 return_final_states=True, **first)
+    y2, h2 = ssd(*(t[:, cut:] if t.dim() > 1 else t for t in (x, dt, A, B, C)), chunk_size=16,
+                 initial_states=h1, return_final_states=True, **second)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full)
+    torch.testing.assert_close(h2, h_full)
+
+
+def test_long_sequence_strong_decay_is_finite_and_exact():
+    """T=16384 with per-step decays down to e^-2000: no inf/NaN, and (as memory fades within a few steps)
+    the last tokens equal a loop over a short window."""
+    torch.manual_seed(1)
+    length, window = 16384, 48
+    x, dt, A, B, C = _inputs(batch=1, length=length, heads=2, head_dim=4, groups=1, d_state=8, dtype=torch.float32)
+    dt = torch.empty(1, length, 2).uniform_(1.0, 20.0)
+    A = torch.tensor([-5.0, -100.0])
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C)]
+    y, h = ssd(x, dt, A, B, C, return_final_states=True)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    with torch.no_grad():
+        y_win, h_win = ssd_ref(*(t[:, -window:] for t in (x, dt)), A, *(t[:, -window:] for t in (B, C)),
+                               return_final_states=True)
+    torch.testing.assert_close(y[:, -window // 2:].detach(), y_win[:, -window // 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.detach(), h_win, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_autocast_within_tolerance():
+    """bf16 inputs under autocast: float32 accumulation inside, bf16 out. Documented tolerance: equal to the
+    float32 computation on the same (bf16-rounded) inputs up to bf16 output rounding, |diff| <= 1e-2 max|y|."""
+    x, dt, A, B, C = (t.to(torch.bfloat16) for t in _inputs(batch=1, length=200, heads=4, head_dim=8, groups=1,
+                                                                d_state=16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = ssd(x, dt, A, B, C, dt_softplus=True, return_final_states=True)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+    y32, h32 = ssd(*(t.float() for t in (x, dt, A, B, C)), dt_softplus=True, return_final_states=True)
+    assert (y.float() - y32).abs().max() <= 1e-2 * y32.abs().max()
+    torch.testing.assert_close(h, h32)
+
+
+def test_bad_input_raises():
+    x, dt, A, B, C = _inputs(length=8)
+    with pytest.raises(ValueError, match="x must be"):
+        ssd(x[:, :-1], dt, A, B, C)
+    with pytest.raises(ValueError, match="A must be"):
+        ssd(x, dt, A[:-1], B, C)
+    with pytest.raises(ValueError, match="C must match B"):
+        ssd(x, dt, A, B, C[..., :-1])
+    with pytest.raises(ValueError, match="B must be"):
+        ssd(x, dt, A, B[:, :-1], C[:, :-1])
+    with pytest.raises(ValueError, match="must divide the number of heads"):
+        ssd(x, dt, A, B[:, :, :1].expand(-1, -1, 3, -1), C[:, :, :1].expand(-1, -1, 3, -1))
+    with pytest.raises(ValueError, match="D must be"):
+        ssd(x, dt, A, B, C, D=torch.ones(3))
+    with pytest.raises(ValueError, match="z must match x"):
+        ssd(x, dt, A, B, C, z=x[..., :-1])
+    with pytest.raises(ValueError, match="dt_bias must be"):
+        ssd(x, dt, A, B, C, dt_bias=torch.ones(5))
+    with pytest.raises(ValueError, match="initial_states must be"):
+        ssd(x, dt, A, B, C, initial_states=torch.zeros(2, 4, 5, 3, dtype=x.dtype))
+    with pytest.raises(ValueError, match="must be <= 0"):
+        ssd(x, dt.abs(), -A, B, C)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(x, dt, A, B, C, chunk_size=0)
+    with pytest.raises(ValueError, match="one token"):
+        ssd_step(torch.zeros(2, 4, 3, 5), x, dt, A, B, C)
