@@ -2,13 +2,17 @@
 from .retention import RetentionMode, retention, retention_mixing_matrix, retention_ref, retention_step
 from .rwkv7 import rwkv7, rwkv7_mixing_matrix, rwkv7_ref, rwkv7_step
 from .gla import gla, gla_mixing_matrix, gla_quadratic, gla_ref, gla_step
-from .selective_scan import selective_scan_ref, selective_scan_step
+from .selective_scan import (
+    selective_scan,
+    selective_scan_mixing_matrix,
+    selective_scan_quadratic,
+    selective_scan_ref,
+    selective_scan_step,
+)
 from .ssd import ssd, ssd_mixing_matrix, ssd_quadratic, ssd_ref, ssd_step
 
-# Placeholder until the chunked kernel lands: the default path is the loop reference.
-selective_scan = selective_scan_ref
-
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_step"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_step", "selective_scan_quadratic"]
+__all__ += ["selective_scan_mixing_matrix"]
 __all__ += ["RetentionMode", "retention", "retention_ref", "retention_step", "retention_mixing_matrix"]
 __all__ += ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix"]
 __all__ += ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]

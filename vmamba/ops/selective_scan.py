@@ -1,4 +1,4 @@
-"""Mamba (S6) selective scan.
+"""Mamba (S6) selective scan: loop reference, chunked default, quadratic form and single step.
 
 ``h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t``, ``y_t = <C_t, h_t> + D * u_t``,
 optionally ``y_t *= silu(z_t)``; ``delta = softplus(delta + delta_bias)`` when ``delta_softplus``.
@@ -6,15 +6,59 @@ optionally ``y_t *= silu(z_t)``; ``delta = softplus(delta + delta_bias)`` when `
 Layouts follow mamba-ssm's ``selective_scan_fn``:
 ``u, delta, z: (B, D, L)``; ``A: (D, N)``; ``B, C: (B, N, L)`` or grouped ``(B, G, N, L)`` where group
 ``g`` serves channels ``g * D/G ... (g+1) * D/G - 1``; ``D: (D,)``; ``delta_bias: (D,)``.
-The state is ``(B, D, N)``. Everything is accumulated in float32; the output has ``u``'s dtype.
+The state is ``(B, D, N)``. Everything is accumulated in float32 (float64 inputs stay float64); the output
+has ``u``'s dtype, the last state the accumulation dtype.
+
+Forms (all give the same numbers, see ``tests/test_selective_scan.py``):
+
+* :func:`selective_scan` -- the default: chunked, with an explicit chunked backward; a dispatcher op
+  (``torch.ops.vmamba.selective_scan``) so FlopCounterMode and ``torch.compile`` see one op.
+* :func:`selective_scan_ref` -- a plain loop over ``L``, the reference.
+* :func:`selective_scan_quadratic` / :func:`selective_scan_mixing_matrix` -- the ``L x L`` semi-separable
+  ("attention") form, for inspection.
+* :func:`selective_scan_step` -- one step, for streaming inference.
+
+How the chunked form works. ``L`` is cut into ``T`` chunks of ``Q`` tokens, stored position-major as
+``(Q, T, B, D, N)`` so that "position q of every chunk" is one contiguous slice. Pass 1 runs the step
+recurrence over the Q positions, vectorised over all chunks, keeping only a running state, to get each
+chunk's end state from a zero start. A loop over the T chunks then carries the true state across chunk
+boundaries with the chunk's total decay ``exp(A * sum(delta))`` (a value in (0, 1]). Pass 2 reruns the
+recurrence in place from the carried states. Nothing divides by a decay or takes ``exp`` of a positive
+cumulative sum, so nothing overflows however strong the decay or long the sequence. About ``2Q + T``
+small ops instead of ``L``; ``Q ~ sqrt(L)`` balances them. The backward is the same scheme run in
+reverse on the adjoint recurrence ``lambda_t = C_t * gy_t + exp(delta_{t+1} A) * lambda_{t+1}``, from
+inputs recomputed on the fly (only the inputs are saved, so memory does not grow with ``N`` under autograd).
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["selective_scan_ref", "selective_scan_step"]
+from .flops import BACKWARD_MAC_FACTOR, register_macs, selective_scan_macs
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_ref",
+    "selective_scan_step",
+    "selective_scan_quadratic",
+    "selective_scan_mixing_matrix",
+    "default_chunk_size",
+]
+
+# Elements (tokens x channels x states) of one slab: the chunked form works on slabs of (batch, channels) so
+# that its (Q, T, b, G, Dg, N) work buffers stay cache-sized and are served by the allocator without fresh
+# page faults (on CPU a fresh 38 MB tensor costs more page faulting than the arithmetic done on it).
+SLAB_ELEMENTS = 1 << 20
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); torch's exp2 is ~3x faster than exp on CPU
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks and small helpers shared by every form
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
@@ -33,6 +77,36 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
             )
         if t.dim() == 4 and dim % t.shape[1] != 0:
             raise ValueError(f"{name} has {t.shape[1]} groups, which does not divide D={dim}")
+    if B.shape[:-2] != C.shape[:-2]:
+        raise ValueError(f"B and C must have the same groups, got {tuple(B.shape)} and {tuple(C.shape)}")
+
+
+def _check_optional(
+    u: Tensor,
+    A: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+) -> None:
+    batch, dim, _ = u.shape
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            raise ValueError(f"{name} must be (D={dim},), got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, A.shape[1]):
+        raise ValueError(f"initial_state must be (B, D, N)={(batch, dim, A.shape[1])}, got {tuple(initial_state.shape)}")
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for float32 and lower precisions; float64 kept (so float64 gradcheck is meaningful)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _as_groups(t: Tensor) -> Tensor:
+    """``(B, N, L)`` -> ``(B, 1, N, L)``; grouped ``(B, G, N, L)`` unchanged."""
+    return t.unsqueeze(1) if t.dim() == 3 else t
 
 
 def expand_groups(t: Tensor, dim: int) -> Tensor:
@@ -44,12 +118,27 @@ def expand_groups(t: Tensor, dim: int) -> Tensor:
 
 
 def prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
-    delta = delta.float()
+    """``delta (+ bias)``, through softplus when asked, in the compute dtype. ``delta: (B, D, L)``."""
+    delta = delta.to(_compute_dtype(delta))
     if delta_bias is not None:
-        delta = delta + delta_bias.float().view(-1, *([1] * (delta.dim() - 2)))
+        delta = delta + delta_bias.to(delta.dtype).view(-1, *([1] * (delta.dim() - 2)))
     if delta_softplus:
         delta = F.softplus(delta)
     return delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
+    """``(y + D * u) * silu(z)`` in ``y``'s dtype (in place on ``y``). All ``(B, D, L)``."""
+    if D is not None:
+        y.addcmul_(u.to(y.dtype), D.to(y.dtype)[:, None])
+    if z is not None:
+        y.mul_(F.silu(z.to(y.dtype)))
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loop reference and single step
+# ----------------------------------------------------------------------------------------------------------
 
 
 def selective_scan_ref(
@@ -71,14 +160,13 @@ def selective_scan_ref(
     ``initial_state (B, D, N)`` starts the recurrence (zeros by default).
     """
     _check_inputs(u, delta, A, B, C)
+    _check_optional(u, A, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
-    dtype_in = u.dtype
-    delta = prepare_delta(delta, delta_bias, delta_softplus)
-    u32, A32 = u.float(), A.float()
-    Bf, Cf = expand_groups(B.float(), dim), expand_groups(C.float(), dim)  # (B, D, N, L)
-    state = (
-        u32.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.float()
-    )
+    acc = _compute_dtype(u)
+    delta = prepare_delta(delta, delta_bias, delta_softplus).to(acc)
+    u32, A32 = u.to(acc), A.to(acc)
+    Bf, Cf = expand_groups(B.to(acc), dim), expand_groups(C.to(acc), dim)  # (B, D, N, L)
+    state = u32.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(acc)
     ys = []
     for t in range(length):
         dt = delta[:, :, t, None]
@@ -86,10 +174,10 @@ def selective_scan_ref(
         ys.append((state * Cf[..., t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u32.new_zeros(batch, dim, 0)
     if D is not None:
-        y = y + u32 * D.float()[:, None]
+        y = y + u32 * D.to(acc)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
-    out = y.to(dtype_in)
+        y = y * F.silu(z.to(acc))
+    out = y.to(u.dtype)
     return (out, state) if return_last_state else out
 
 
@@ -121,3 +209,655 @@ def selective_scan_step(
         return_last_state=True, initial_state=state,
     )
     return out[..., 0], new_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quadratic ("attention") form
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _segment_sums(x: Tensor) -> Tensor:
+    """``x: (..., L)`` -> ``(..., L, L)`` with ``[t, s] = sum_{s < r <= t} x_r`` and ``-inf`` above the diagonal.
+
+    Built by a masked cumulative sum (no difference of prefix sums, so no cancellation on long sequences).
+    """
+    length = x.shape[-1]
+    strict_lower = torch.ones(length, length, dtype=torch.bool, device=x.device).tril(-1)
+    seg = x[..., :, None].expand(*x.shape, length).masked_fill(~strict_lower, 0).cumsum(-2)
+    upper = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+    return seg.masked_fill(upper, float("-inf"))
+
+
+def selective_scan_mixing_matrix(
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+) -> Tensor:
+    """The semi-separable mixing matrix of the scan: ``y[b, d, t] = sum_s M[b, d, t, s] u[b, d, s]``.
+
+    ``M[t, s] = sum_n C_t[n] exp(A[n] * sum_{s<r<=t} delta_r) B_s[n] delta_s`` for ``s <= t`` (zero above the
+    diagonal), plus ``D`` on the diagonal when given. The ``z`` gate is not part of it (it scales rows).
+
+    Args:
+        delta: ``(B, D, L)``; A: ``(D, N)``; B, C: ``(B, N, L)`` or ``(B, G, N, L)``; D, delta_bias: ``(D,)``.
+
+    Returns:
+        ``M: (B, D, L, L)`` in the compute dtype. Memory is ``O(B D L^2)``: for inspection and tests.
+    """
+    _check_inputs(delta, delta, A, B, C)
+    _check_optional(delta, A, D, None, delta_bias, None)
+    dim = delta.shape[1]
+    dt = prepare_delta(delta, delta_bias, delta_softplus)
+    acc = dt.dtype
+    Bf, Cf = expand_groups(B.to(acc), dim), expand_groups(C.to(acc), dim)  # (B, D, N, L)
+    A = A.to(acc)
+    matrix = None
+    for n in range(A.shape[1]):  # one state at a time keeps the temporaries at (B, D, L, L)
+        decay = torch.exp(_segment_sums(dt * A[:, n, None]))
+        term = Cf[:, :, n, :, None] * decay * (Bf[:, :, n, None, :] * dt[:, :, None, :])
+        matrix = term if matrix is None else matrix + term
+    if D is not None:
+        matrix = matrix + torch.diag_embed(D.to(acc)[:, None].expand_as(dt))
+    return matrix
+
+
+def selective_scan_quadratic(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The scan evaluated as ``y = M u`` with the full mixing matrix (:func:`selective_scan_mixing_matrix`).
+
+    Same arguments and results as :func:`selective_scan_ref`; differentiable by autograd. The initial state
+    enters as ``C_t exp(A * sum_{r<=t} delta_r) h_0``; the last state is read off the matrix's last row.
+    Costs ``O(B D N L^2)``: for inspection and tests.
+    """
+    _check_inputs(u, delta, A, B, C)
+    _check_optional(u, A, D, z, delta_bias, initial_state)
+    dim = u.shape[1]
+    acc = _compute_dtype(u)
+    dt = prepare_delta(delta, delta_bias, delta_softplus).to(acc)
+    uf, A = u.to(acc), A.to(acc)
+    Bf, Cf = expand_groups(B.to(acc), dim), expand_groups(C.to(acc), dim)  # (B, D, N, L)
+    y = uf.new_zeros(uf.shape)
+    last = []
+    for n in range(A.shape[1]):
+        log_decay = dt * A[:, n, None]  # (B, D, L)
+        decay = torch.exp(_segment_sums(log_decay))  # (B, D, L, L)
+        inputs = Bf[:, :, n] * dt * uf  # (B, D, L)
+        states = (decay @ inputs[..., None])[..., 0]  # h_t[n] from a zero start
+        if initial_state is not None:
+            states = states + torch.exp(log_decay.cumsum(-1)) * initial_state[:, :, n, None].to(acc)
+        y = y + Cf[:, :, n] * states
+        last.append(states[:, :, -1])
+    if D is not None:
+        y = y + uf * D.to(acc)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    out = y.to(u.dtype)
+    return (out, torch.stack(last, dim=-1)) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked form
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_chunk_size(length: int) -> int:
+    """Tokens per chunk for a sequence of ``length``: about ``sqrt(L)``, trimmed so padding is minimal.
+
+    Passes 1 and 2 cost one small op per position in a chunk each, the carry one per chunk, so
+    ``Q ~ sqrt(L)`` minimises the number of ops.
+    """
+    size = max(1, round(math.sqrt(length)))
+    chunks = -(-length // size)
+    return -(-length // chunks)
+
+
+@dataclass(frozen=True)
+class _ChunkGrid:
+    """``L`` tokens as ``T`` chunks of ``Q``, and the two layouts of a ``(b, X, L)`` tensor.
+
+    *Natural*: ``(b, X, T * Q)``, zero-padded past ``L``. *Position-major*: ``(Q, b, X, T)``, so that position
+    ``q`` of every chunk is one contiguous slice. :meth:`pm` gives the position-major *view* of a natural
+    tensor; elementwise ops that read or write through it do the transposition on the fly (cheaper than a
+    separate copy).
+    """
+
+    length: int
+    size: int
+
+    @property
+    def count(self) -> int:
+        return -(-self.length // self.size)
+
+    @property
+    def padded(self) -> int:
+        return self.count * self.size
+
+    def natural(self, x: Tensor) -> Tensor:
+        """``(b, X, L)`` -> ``(b, X, T * Q)``, zero-padded (``x`` itself when ``L`` fills the chunks)."""
+        pad = self.padded - self.length
+        return F.pad(x, (0, pad)) if pad else x
+
+    def pm(self, x: Tensor) -> Tensor:
+        """Position-major view ``(Q, b, X, T)`` of a natural ``(b, X, T * Q)`` tensor."""
+        return x.unflatten(-1, (self.count, self.size)).permute(3, 0, 1, 2)
+
+    def to_pm(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(b, X, L)`` -> contiguous position-major ``(Q, b, X, T)`` in ``dtype``, zeros past the end."""
+        out = x.new_empty(self.size, *x.shape[:-1], self.count, dtype=dtype)
+        return out.copy_(self.pm(self.natural(x)))
+
+    def to_natural(self, y: Tensor) -> Tensor:
+        """Position-major ``(Q, b, X, T)`` -> ``(b, X, L)`` (the padding dropped)."""
+        out = y.new_empty(*y.shape[1:-1], self.padded)
+        self.pm(out).copy_(y)
+        return out[..., : self.length]
+
+    def zero_padding_(self, x: Tensor) -> Tensor:
+        """Zero the padded positions of a position-major ``(Q, ..., T)`` tensor in place."""
+        rest = self.length - (self.count - 1) * self.size
+        if rest < self.size:
+            x[rest:, ..., -1].zero_()
+        return x
+
+
+def _scan_chunks_(a: Tensor, x: Tensor, h0: Tensor | None, totals: Tensor) -> Tensor:
+    """In place ``x <- h`` with ``h_i = a_i * h_{i-1} + x_i`` along the sequence, ``h_{-1} = h0``.
+
+    Args:
+        a, x: position-major ``(Q, ..., T)``: ``[q, ..., t]`` is token ``t * Q + q``.
+        h0: ``(...)`` or None (zeros).
+        totals: ``(T, ...)``, the product of ``a`` over each chunk.
+
+    Returns:
+        ``(T, ...)``: the state entering each chunk (``h0`` for the first).
+    """
+    size, count = a.shape[0], a.shape[-1]
+    entering = x.new_empty(count, *x.shape[1:-1])
+    if h0 is None:
+        entering[0].zero_()
+    else:
+        entering[0].copy_(h0)
+    if count > 1:
+        # Pass 1: end state of chunks 0..T-2 from a zero start (a running state only, no full-size writes).
+        xs, as_ = x[..., :-1].unbind(0), a[..., :-1].unbind(0)
+        state, spare = xs[0].clone(), torch.empty_like(xs[0])
+        for q in range(1, size):
+            torch.addcmul(xs[q], as_[q], state, out=spare)
+            state, spare = spare, state
+        ends = state.movedim(-1, 0)
+        for t in range(1, count):  # carry across chunk boundaries
+            torch.addcmul(ends[t - 1], totals[t - 1], entering[t - 1], out=entering[t])
+    # Pass 2: the recurrence again, in place, from the true entering states.
+    xs, as_ = x.unbind(0), a.unbind(0)
+    xs[0].addcmul_(as_[0], entering.movedim(0, -1))
+    for q in range(1, size):
+        xs[q].addcmul_(as_[q], xs[q - 1])
+    return entering
+
+
+def _scan_chunks_reverse_(a: Tensor, c: Tensor, grad_end: Tensor | None, totals: Tensor) -> None:
+    """The adjoint of :func:`_scan_chunks_`, in place: ``c <- lambda`` and ``a <- a * lambda`` where
+    ``lambda_i = c_i + a_{i+1} * lambda_{i+1}`` runs backwards from ``lambda_L = grad_end`` (zeros if None).
+
+    ``lambda_i`` is the gradient of the loss w.r.t. ``h_i``; ``a_i * lambda_i`` the gradient w.r.t. ``h_{i-1}``
+    through step ``i``. Shapes as :func:`_scan_chunks_`.
+    """
+    size, count = a.shape[0], a.shape[-1]
+    incoming = c.new_empty(count, *c.shape[1:-1])  # a_{i+1} lambda_{i+1} arriving at the end of each chunk
+    if grad_end is None:
+        incoming[-1].zero_()
+    else:
+        incoming[-1].copy_(grad_end)
+    if count > 1:
+        # Pass 1: a_0 * lambda_0 of chunks 1..T-1 with nothing arriving from the right.
+        cs, as_ = c[..., 1:].unbind(0), a[..., 1:].unbind(0)
+        state, spare = as_[-1] * cs[-1], torch.empty_like(cs[-1])
+        for q in range(size - 2, -1, -1):
+            torch.add(cs[q], state, out=spare).mul_(as_[q])
+            state, spare = spare, state
+        starts = state.movedim(-1, 0)  # starts[t - 1] belongs to chunk t
+        for t in range(count - 1, 0, -1):
+            torch.addcmul(starts[t - 1], totals[t], incoming[t], out=incoming[t - 1])
+    cs, as_ = c.unbind(0), a.unbind(0)
+    arriving = incoming.movedim(0, -1)
+    for q in range(size - 1, -1, -1):
+        cs[q].add_(arriving)
+        as_[q].mul_(cs[q])
+        arriving = as_[q]
+
+
+# Contractions over the state axis N or the channel axis Dg of position-major (Q, b, G, Dg, N, T) tensors.
+# A loop over the N states of elementwise ops beats batched matmuls of (Dg, N) x (N, 1) here, and makes no
+# full-size temporaries.
+
+
+def _sum_over_state(x: Tensor, v: Tensor) -> Tensor:
+    """``sum_n x[..., g, d, n, t] * v[..., g, n, t]`` -> ``(..., G, Dg, T)``; ``v`` may be ``(G, Dg, N, 1)``-like."""
+    v = v.unsqueeze(-3) if v.dim() == x.dim() - 1 else v
+    out = x[..., 0, :] * v[..., 0, :]
+    for n in range(1, x.shape[-2]):
+        out.addcmul_(x[..., n, :], v[..., n, :])
+    return out
+
+
+def _sum_over_channels(w: Tensor, x: Tensor) -> Tensor:
+    """``sum_d w[..., g, d, t] * x[..., g, d, n, t]`` -> ``(..., G, N, T)``."""
+    return torch.stack([(w * x[..., n, :]).sum(-2) for n in range(x.shape[-2])], dim=-2)
+
+
+@dataclass(frozen=True)
+class _Slab:
+    """A block of the problem the chunked form processes at once: batch items, groups and channels."""
+
+    batch: slice
+    groups: slice
+    channels: slice
+
+
+def _slabs(batch: int, dim: int, groups: int, tokens: int) -> list[_Slab]:
+    """Cut ``(batch, D)`` into slabs of about :data:`SLAB_ELEMENTS` (``tokens = L * N`` per channel).
+
+    A slab is either part of one group's channels (one batch item) or whole groups (and batch items), so
+    its slices of ``u, delta: (B, D, L)`` are contiguous.
+    """
+    per_group = dim // groups
+    budget = max(1, SLAB_ELEMENTS // tokens)  # channels per slab
+    out = []
+    if budget < per_group:
+        for b in range(batch):
+            for g in range(groups):
+                for c in range(g * per_group, (g + 1) * per_group, budget):
+                    end = min(c + budget, (g + 1) * per_group)
+                    out.append(_Slab(slice(b, b + 1), slice(g, g + 1), slice(c, end)))
+        return out
+    group_step = min(groups, budget // per_group)
+    batch_step = max(1, budget // dim) if group_step == groups else 1
+    for b in range(0, batch, batch_step):
+        for g in range(0, groups, group_step):
+            g_end = min(g + group_step, groups)
+            batches = slice(b, min(b + batch_step, batch))
+            out.append(_Slab(batches, slice(g, g_end), slice(g * per_group, g_end * per_group)))
+    return out
+
+
+@dataclass
+class _Chunked:
+    """One slab, chunked and scanned: what both the forward and the backward need.
+
+    Position-major shapes: ``dt, dtu: (Q, b, G, Dg, T)``; ``Bc, Cc: (Q, b, G, N, T)``;
+    ``a, h: (Q, b, G, Dg, N, T)``; ``entering, totals: (T, b, G, Dg, N)``; ``A: (G, Dg, N)``;
+    ``dt_grad``: d dt / d (delta + bias) (zero on padding), or None.
+    """
+
+    grid: _ChunkGrid
+    dt: Tensor
+    dt_grad: Tensor | None
+    dtu: Tensor
+    A: Tensor
+    Bc: Tensor
+    Cc: Tensor
+    a: Tensor
+    h: Tensor
+    entering: Tensor
+    totals: Tensor
+
+
+def _scan_slab(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    acc: torch.dtype,
+    need_dt_grad: bool,
+) -> _Chunked:
+    """Chunk one slab and run the forward recurrence (``h`` for every token).
+
+    ``u, delta: (b, D, L)``; ``A: (D, N)``; ``B, C: (b, G, N, L)`` with ``G`` dividing ``D``.
+    """
+    batch, dim, length = u.shape
+    groups, n = B.shape[1], A.shape[1]
+    per_group = dim // groups
+    grid = _ChunkGrid(length, chunk_size)
+    q, t = grid.size, grid.count
+    pm = lambda x: grid.pm(grid.natural(x))  # noqa: E731
+    dt = u.new_empty(q, batch, dim, t, dtype=acc)
+    if delta_bias is not None:  # the transposition rides on an op that is needed anyway
+        torch.add(pm(delta), delta_bias.to(acc)[:, None], out=dt)
+    else:
+        dt.copy_(pm(delta))
+    dt_grad = None
+    if delta_softplus:
+        if need_dt_grad:
+            dt_grad = torch.sigmoid(dt)
+        dt = F.softplus(dt)
+    elif need_dt_grad:
+        dt_grad = torch.ones_like(dt)
+    grid.zero_padding_(dt)  # padded tokens: no decay, no input, so the last state passes through them
+    if dt_grad is not None:
+        grid.zero_padding_(dt_grad)
+    dtu = torch.mul(dt, pm(u))
+    dims = (q, batch, groups, per_group, 1, t)
+    Bc = grid.to_pm(B.flatten(1, 2), acc).unflatten(2, (groups, n))  # (Q, b, G, N, T)
+    Cc = grid.to_pm(C.flatten(1, 2), acc).unflatten(2, (groups, n))
+    A = A.to(acc).view(groups, per_group, n)
+    A2 = (A * _LOG2E)[..., None]  # exp(x A) = exp2(x A log2 e)
+    a = torch.mul(dt.view(dims), A2).exp2_()
+    h = torch.mul(dtu.view(dims), Bc.unsqueeze(3))
+    totals = torch.mul(dt.sum(0).view(dims[1:]), A2).exp2_().movedim(-1, 0).contiguous()
+    h0 = None if initial_state is None else initial_state.to(acc).view(batch, groups, per_group, n)
+    entering = _scan_chunks_(a, h, h0, totals)
+    dt_grad = None if dt_grad is None else dt_grad.view(dims[:-2] + (t,))
+    return _Chunked(grid, dt.view(dims[:-2] + (t,)), dt_grad, dtu.view(dims[:-2] + (t,)), A, Bc, Cc, a, h, entering, totals)
+
+
+def _slab_inputs(slab: _Slab, u, delta, A, B, C, delta_bias, initial_state):
+    """The slab's views of the inputs (``B, C`` as ``(b, G, N, L)``)."""
+    bs, gs, cs = slab.batch, slab.groups, slab.channels
+    B, C = _as_groups(B), _as_groups(C)
+    if B.shape[1] == 1:
+        gs = slice(0, 1)
+    return (
+        u[bs, cs], delta[bs, cs], A[cs], B[bs, gs], C[bs, gs],
+        None if delta_bias is None else delta_bias[cs],
+        None if initial_state is None else initial_state[bs, cs],
+    )
+
+
+def _chunk_size(length: int, chunk_size: int) -> int:
+    return min(chunk_size, length) if chunk_size > 0 else default_chunk_size(length)
+
+
+def _ssm_output(ch: _Chunked) -> Tensor:
+    """``y_t = <C_t, h_t>`` in the natural layout ``(b, D, L)`` (before the D skip and the gate)."""
+    grid, (q, batch, groups, per_group, _, t) = ch.grid, ch.h.shape
+    out = ch.h.new_empty(batch, groups * per_group, grid.padded)
+    target = grid.pm(out).unflatten(2, (groups, per_group))  # (Q, b, G, Dg, T) view of the output
+    if ch.h.shape[-2] == 1:
+        torch.mul(ch.h[..., 0, :], ch.Cc.unsqueeze(3)[..., 0, :], out=target)
+    else:
+        target.copy_(_sum_over_state(ch.h, ch.Cc.unsqueeze(3)))
+    return out[..., : grid.length]
+
+
+def _forward_impl(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    delta_softplus: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    acc = _compute_dtype(u)
+    size = _chunk_size(length, chunk_size)
+    out = u.new_empty(u.shape)
+    last = u.new_empty(batch, dim, n, dtype=acc)
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    with torch.autocast(u.device.type, enabled=False):  # the op owns its precision
+        for slab in _slabs(batch, dim, groups, length * n):
+            bs, cs = slab.batch, slab.channels
+            su, sdelta, sA, sB, sC, sbias, sh0 = _slab_inputs(slab, u, delta, A, B, C, delta_bias, initial_state)
+            ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, acc, False)
+            y = _finish(_ssm_output(ch), su, None if D is None else D[cs], None if z is None else z[bs, cs])
+            out[bs, cs] = y
+            last[bs, cs] = ch.h[-1, ..., -1].flatten(1, 2)  # padded tokens carry the state unchanged
+    return out, last
+
+
+def _backward_impl(
+    grad_out: Tensor,
+    grad_last: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    delta_softplus: bool,
+    chunk_size: int,
+) -> list[Tensor]:
+    """Gradients ``[u, delta, A, B, C, D, z, delta_bias, initial_state]`` (empty tensors for absent inputs)."""
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    acc = _compute_dtype(u)
+    size = _chunk_size(length, chunk_size)
+    groups = 1 if B.dim() == 3 else B.shape[1]
+
+    def new(*shape: int, zero: bool = False) -> Tensor:
+        return (torch.zeros if zero else torch.empty)(*shape, dtype=acc, device=u.device)
+
+    g_u, g_delta, g_A = new(*u.shape), new(*u.shape), new(*A.shape, zero=True)
+    g_B, g_C = new(batch, groups, n, length, zero=True), new(batch, groups, n, length, zero=True)
+    g_D, g_bias = new(dim, zero=True), new(dim, zero=True)
+    g_z = new(*u.shape) if z is not None else None
+    g_h0 = new(batch, dim, n)
+    with torch.autocast(u.device.type, enabled=False):
+        for slab in _slabs(batch, dim, groups, length * n):
+            bs, cs = slab.batch, slab.channels
+            gs = slab.groups if groups > 1 else slice(0, 1)
+            su, sdelta, sA, sB, sC, sbias, sh0 = _slab_inputs(slab, u, delta, A, B, C, delta_bias, initial_state)
+            ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, acc, True)
+            grid = ch.grid
+            u_s, g = su.to(acc), grad_out[bs, cs].to(acc)
+            if z is not None:  # out = (y_ssm + D u) * silu(z)
+                zs = z[bs, cs].to(acc)
+                sig = torch.sigmoid(zs)
+                y = _finish(_ssm_output(ch), u_s, None if D is None else D[cs], None)
+                g_z[bs, cs] = g * y * sig * (1 + zs * (1 - sig))
+                g = g * zs * sig
+            if D is not None:
+                g_D[cs] += (g * u_s).sum((0, 2))
+                g_u[bs, cs] = g * D[cs].to(acc)[:, None]
+            else:
+                g_u[bs, cs] = 0
+            gy = grid.to_pm(g, acc).view(ch.dt.shape)  # (Q, b, G, Dg, T)
+            g_C[bs, gs] += grid.to_natural(_sum_over_channels(gy, ch.h).flatten(2, 3)).view(g_C[bs, gs].shape)
+            lam = torch.mul(gy.unsqueeze(-2), ch.Cc.unsqueeze(3))  # dL/dh_i through y_i
+            g_end = None if grad_last is None else grad_last[bs, cs].to(acc).view(ch.entering.shape[1:])
+            _scan_chunks_reverse_(ch.a, lam, g_end, ch.totals)  # lam <- dL/dh_i, a <- dL/dh_{i-1} via step i
+            a_lam = ch.a
+            g_h0[bs, cs] = a_lam[0, ..., 0].flatten(1, 2)
+            # dL/d(dt_i A) = a_i lambda_i h_{i-1}; h_{i-1} is h one token back: the entering state at q = 0
+            a_lam[1:].mul_(ch.h[:-1])
+            a_lam[0].mul_(ch.entering.movedim(0, -1))
+            # h_i = a_i h_{i-1} + (dt_i u_i) B_i
+            g_dtu = _sum_over_state(lam, ch.Bc.unsqueeze(3))  # (Q, b, G, Dg, T)
+            g_B[bs, gs] += grid.to_natural(_sum_over_channels(ch.dtu, lam).flatten(2, 3)).view(g_B[bs, gs].shape)
+            for i in range(n):
+                g_A[cs, i] += (a_lam[..., i, :] * ch.dt).sum((0, 1, 4)).flatten()
+            u_pm = grid.pm(grid.natural(u_s)).unflatten(2, ch.dt.shape[2:4])
+            g_dt = torch.addcmul(_sum_over_state(a_lam, ch.A[..., None]), g_dtu, u_pm)
+            g_u[bs, cs] += grid.to_natural((g_dtu * ch.dt).flatten(2, 3))
+            g_pre = g_dt.mul_(ch.dt_grad).flatten(2, 3)  # (Q, b, D, T); zero on padding through dt_grad
+            g_bias[cs] += g_pre.sum((0, 1, 3))
+            g_delta[bs, cs] = grid.to_natural(g_pre)
+
+    def empty() -> Tensor:  # a fresh one per slot: a custom op's outputs must not alias each other
+        return u.new_empty(0)
+
+    return [
+        g_u.to(u.dtype),
+        g_delta.to(delta.dtype),
+        g_A.to(A.dtype),
+        g_B.view(B.shape).to(B.dtype),
+        g_C.view(C.shape).to(C.dtype),
+        empty() if D is None else g_D.to(D.dtype),
+        empty() if z is None else g_z.to(z.dtype),
+        empty() if delta_bias is None else g_bias.to(delta_bias.dtype),
+        empty() if initial_state is None else g_h0.to(initial_state.dtype),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dispatcher ops: one opaque op for FlopCounterMode and torch.compile, autograd through the chunked backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vmamba::selective_scan", mutates_args=())
+def _selective_scan_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    delta_softplus: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    return _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size)
+
+
+@_selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size):
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=_compute_dtype(u))
+    return torch.empty_like(u), last
+
+
+@torch.library.custom_op("vmamba::selective_scan_backward", mutates_args=())
+def _selective_scan_backward_op(
+    grad_out: Tensor,
+    grad_last_state: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    initial_state: Tensor | None,
+    delta_softplus: bool,
+    chunk_size: int,
+) -> list[Tensor]:
+    return _backward_impl(
+        grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size
+    )
+
+
+@_selective_scan_backward_op.register_fake
+def _(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size):
+    return [
+        torch.empty_like(x) if x is not None else u.new_empty(0)
+        for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    ]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    ctx.delta_softplus, ctx.chunk_size = delta_softplus, chunk_size
+
+
+def _backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
+    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    grads = torch.ops.vmamba.selective_scan_backward(
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.delta_softplus, ctx.chunk_size
+    )
+    present = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return (*(g if x is not None else None for g, x in zip(grads, present)), None, None)
+
+
+_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _scan_macs(u, delta, A, B, C, D, z, *rest, **kwargs) -> int:
+    return selective_scan_macs(u, A[1], with_d=D is not None, with_z=z is not None)
+
+
+def _scan_backward_macs(grad_out, grad_last, u, delta, A, B, C, D, z, *rest, **kwargs) -> int:
+    return BACKWARD_MAC_FACTOR * _scan_macs(u, delta, A, B, C, D, z)
+
+
+register_macs(torch.ops.vmamba.selective_scan, _scan_macs)
+register_macs(torch.ops.vmamba.selective_scan_backward, _scan_backward_macs)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan, chunked, with an explicit chunked backward (mamba-ssm ``selective_scan_fn`` API).
+
+    Args:
+        u, delta: ``(B, D, L)``, ``L >= 1``.
+        A: ``(D, N)`` (negative for a decaying state).
+        B, C: ``(B, N, L)`` or grouped ``(B, G, N, L)``.
+        D, delta_bias: ``(D,)`` or None.
+        z: ``(B, D, L)`` gate or None.
+        delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
+        return_last_state: also return the state after the last token.
+        initial_state: ``(B, D, N)`` state before the first token (zeros when None); differentiable.
+        chunk_size: tokens per chunk; None picks :func:`default_chunk_size`. Results do not depend on it
+            beyond float rounding.
+
+    Returns:
+        ``out (B, D, L)`` in ``u``'s dtype, and ``last_state (B, D, N)`` (float32; float64 for float64
+        inputs) when ``return_last_state``.
+
+    Raises:
+        ValueError: on shapes that do not fit together, ``L == 0`` or a non-positive ``chunk_size``.
+
+    Runs in float32 whatever the input dtype (autocast is switched off inside). FlopCounterMode counts
+    it through the ``vmamba::selective_scan`` op, see :mod:`vmamba.ops.flops`. Second-order gradients are
+    not supported.
+
+    Example:
+        >>> u = torch.randn(2, 8, 100); dt = torch.rand(2, 8, 100); A = -torch.rand(8, 4)
+        >>> B = C = torch.randn(2, 4, 100)
+        >>> selective_scan(u, dt, A, B, C).shape
+        torch.Size([2, 8, 100])
+    """
+    _check_inputs(u, delta, A, B, C)
+    _check_optional(u, A, D, z, delta_bias, initial_state)
+    if u.shape[-1] == 0:
+        raise ValueError("selective_scan needs a sequence of length >= 1")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    out, last = torch.ops.vmamba.selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size or 0
+    )
+    return (out, last) if return_last_state else out
