@@ -68,6 +68,8 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
         fn()
     peak = current = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage
+        # self_: an op's cpu_memory_usage includes its children's allocations, so summing it over nested
+        # events (einsum -> bmm, ...) counts them twice.
+        current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak
