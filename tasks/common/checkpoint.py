@@ -1,4 +1,4 @@
-"""Crash-safe checkpoint files: weights as safetensors, training state as a torch file, RNG capture.
+"""Crash-safe checkpoint files: weights as safetensors (with string metadata), training state as a torch file.
 
 Every write goes to a temporary file in the destination folder, is flushed to disk, then renamed over the
 target with ``os.replace`` (atomic on POSIX and Windows), so a crash leaves either the old file or the new
@@ -7,13 +7,11 @@ one, never half of one.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,8 +23,6 @@ __all__ = [
     "read_weights_metadata",
     "save_state",
     "load_state",
-    "capture_rng_state",
-    "restore_rng_state",
 ]
 
 
@@ -84,34 +80,3 @@ def save_state(path: str | Path, state: Mapping[str, Any]) -> None:
 def load_state(path: str | Path) -> dict[str, Any]:
     """Read a file written by :func:`save_state` (``weights_only``: no arbitrary code runs on load)."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The state of every random generator a training step draws from: Python, NumPy, torch CPU and CUDA.
-
-    NumPy's state is stored as plain ints so the result loads with ``weights_only=True``.
-    """
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuple(x: Any) -> Any:
-    """Python's random state is nested tuples; a round trip through some loaders turns them into lists."""
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

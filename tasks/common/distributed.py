@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DevicePreference", "DistContext", "init_distributed", "close_distributed", "all_reduce_sum",
+__all__ = ["DevicePreference", "DistContext", "env_rank", "init_distributed", "close_distributed", "all_reduce_sum",
            "all_gather_objects", "barrier", "resolve_device"]
 
 
@@ -62,13 +62,18 @@ def resolve_device(preference: DevicePreference | str, local_rank: int = 0) -> t
     return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun announced it (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(preference: DevicePreference | str = DevicePreference.AUTO) -> DistContext:
     """Join the process group described by torchrun's environment variables, if any.
 
     Returns the context for this process (rank 0 of 1 when not launched by torchrun).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
