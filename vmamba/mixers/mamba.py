@@ -52,6 +52,9 @@ class MambaMixer(SequenceMixer):
         self.dt_projs_bias = nn.Parameter(torch.empty(k, c))
         self.A_logs = nn.Parameter(torch.empty(k * c, n))
         self.Ds = nn.Parameter(torch.empty(k * c))
+        # mamba-ssm / VMamba convention: no weight decay on the state matrix and the skip
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
         self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
         self.reset_parameters()
 
