@@ -114,8 +114,11 @@ class ScheduleConfig:
     sched: str = field(default="cosine", metadata=_h("timm scheduler name"))
     epochs: int = field(default=300, metadata=_h("training epochs, warm-up included, cool-down not"))
     warmup_epochs: int = field(default=20, metadata=_h("linear warm-up epochs"))
-    warmup_lr: float = field(default=1e-6, metadata=_h("learning rate at the start of warm-up"))
-    min_lr: float = field(default=1e-5, metadata=_h("floor of the cosine decay"))
+    warmup_lr: float = field(default=5e-7, metadata=_h("learning rate at the start of warm-up"))
+    min_lr: float = field(default=5e-6, metadata=_h("floor of the cosine decay"))
+    scale_warmup_min_lr: bool = field(default=True, metadata=_h(
+        "warmup_lr and min_lr are per optim.lr_base_size images and scale with the global batch like the peak "
+        "lr (VMamba/Swin); false: absolute (DeiT/Vim)"))
     cooldown_epochs: int = field(default=0, metadata=_h("epochs at min_lr after the decay"))
     warmup_prefix: bool = field(default=True, metadata=_h("the decay starts after warm-up (VMamba/Swin) instead of "
                                                           "at step 0 with warm-up overriding it (DeiT/Vim)"))
@@ -154,6 +157,13 @@ class ClassificationConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata=_h("learning-rate schedule"))
     ema: EmaConfig = field(default_factory=EmaConfig, metadata=_h("model EMA"))
     train: TrainConfig = field(default_factory=TrainConfig, metadata=_h("run"))
+
+    def learning_rates(self, world_size: int) -> tuple[float, float, float]:
+        """(peak, warm-up start, floor) learning rates for ``world_size`` processes of ``train.batch_size``."""
+        scale = self.train.batch_size * world_size / self.optim.lr_base_size
+        peak = self.optim.lr if self.optim.lr is not None else self.optim.base_lr * scale
+        floor_scale = scale if self.schedule.scale_warmup_min_lr else 1.0
+        return peak, self.schedule.warmup_lr * floor_scale, self.schedule.min_lr * floor_scale
 
     def mixup_active(self) -> bool:
         return self.aug.mixup > 0 or self.aug.cutmix > 0

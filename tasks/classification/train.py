@@ -26,8 +26,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -38,6 +36,7 @@ from tasks.classification.config import BuiltinData, ClassificationConfig, resol
 from tasks.classification.data import PreprocessConfig, build_dataset, build_loader, build_mixup
 from tasks.classification.digits import write_digits_imagefolder
 from tasks.classification.model import build_model
+from tasks.classification.optim import build_optimizer, build_scheduler
 from tasks.classification.validate import USER_ERRORS, EvalResult, evaluate, shard_size
 from tasks.common.config import ConfigError, describe_config, load_config, save_config
 from tasks.common.csv_log import CsvLog
@@ -95,12 +94,6 @@ class _Run:
     best: dict[str, Any] | None = None
 
 
-def _learning_rate(cfg: ClassificationConfig, world_size: int) -> float:
-    if cfg.optim.lr is not None:
-        return cfg.optim.lr
-    return cfg.optim.base_lr * cfg.train.batch_size * world_size / cfg.optim.lr_base_size
-
-
 def _criterion(cfg: ClassificationConfig) -> nn.Module:
     if cfg.mixup_active():
         return SoftTargetCrossEntropy()  # Mixup already smoothed the targets
@@ -138,14 +131,8 @@ def _build(cfg: ClassificationConfig, ctx: DistContext, resume: Path | None) -> 
     train_loader = build_loader(train_set, pre, cfg.train.batch_size, ctx.device, is_training=True, aug=cfg.aug, **common)
     val_loader = build_loader(val_set, pre, cfg.train.batch_size, ctx.device, is_training=False, **common)
 
-    lr = _learning_rate(cfg, ctx.world_size)
-    optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
-                                    eps=cfg.optim.eps, betas=tuple(cfg.optim.betas))
-    scheduler, total_epochs = create_scheduler_v2(
-        optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.decay_epochs(), warmup_epochs=cfg.schedule.warmup_epochs,
-        warmup_lr=cfg.schedule.warmup_lr, min_lr=cfg.schedule.min_lr, cooldown_epochs=cfg.schedule.cooldown_epochs,
-        warmup_prefix=cfg.schedule.warmup_prefix, step_on_epochs=cfg.schedule.step_on_epochs,
-        updates_per_epoch=len(train_loader))
+    optimizer = build_optimizer(cfg, model, ctx.world_size)
+    scheduler, total_epochs = build_scheduler(cfg, optimizer, len(train_loader), ctx.world_size)
     ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) if cfg.ema.enabled else None
     run = _Run(ctx=ctx, cfg=cfg, files=files, class_names=class_names, pre=pre, model=model, ddp_model=model, ema=ema,
                optimizer=optimizer, scheduler=scheduler, scaler=grad_scaler(ctx.device, precision),
@@ -156,8 +143,10 @@ def _build(cfg: ClassificationConfig, ctx: DistContext, resume: Path | None) -> 
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.model.name}: {n_params / 1e6:.2f} M parameters, {num_classes} classes, "
               f"{len(train_set)} train / {len(val_set)} val images, {ctx.world_size} process(es) on {ctx.device}, "
-              f"global batch {cfg.train.batch_size * ctx.world_size}, peak lr {lr:.3g}, {total_epochs} epochs, "
-              f"{len(train_loader)} steps/epoch")
+              f"global batch {cfg.train.batch_size * ctx.world_size}, peak lr {cfg.learning_rates(ctx.world_size)[0]:.3g}, "
+              f"{total_epochs} epochs, {len(train_loader)} steps/epoch")
+        if cfg.aug.repeated_aug and not ctx.distributed:
+            print("note: aug.repeated_aug needs a distributed run (timm's sampler); off in this single process")
     if resume is not None:
         _restore(run, resume)
     elif ctx.is_main:

@@ -1,0 +1,174 @@
+"""tasks.common: configs, atomic checkpoints, RNG capture, CSV log, plots, distributed no-ops, precision."""
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.common.checkpoint import atomic_write, load_state, load_weights, read_weights_metadata, save_state, \
+    save_weights
+from tasks.common.config import ConfigError, apply_overrides, config_to_dict, describe_config, load_config, \
+    parse_value, save_config
+from tasks.common.csv_log import CsvLog
+from tasks.common.distributed import DistContext, all_gather_objects, all_reduce_sum, init_distributed
+from tasks.common.plots import plot_curves
+from tasks.common.precision import Precision, autocast, check_precision, grad_scaler
+from tasks.common.rng import capture_rng_state, restore_rng_state, seed_everything
+
+
+class Mode(str, enum.Enum):
+    FAST = "fast"
+    SLOW = "slow"
+
+
+@dataclass
+class Inner:
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    steps: int = 10
+    betas: tuple[float, float] = (0.9, 0.999)
+    mode: Mode = Mode.FAST
+    clip: float | None = None
+    name: str = "x"
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner, metadata={"help": "the inner section"})
+    kwargs: dict = field(default_factory=dict)
+    flag: bool = False
+
+
+def test_yaml_file_and_overrides_are_typed(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 1e-2\n  steps: 3\nkwargs: {depths: [1, 2]}\n")
+    cfg = load_config(Outer, path, ["inner.mode=slow", "inner.clip=5", "kwargs.dims=8", "flag=true",
+                                    "inner.betas=[0.8, 0.9]"])
+    assert cfg.inner.lr == 1e-2 and isinstance(cfg.inner.lr, float)  # YAML 1.1 alone would read "1e-2" as a str
+    assert cfg.inner.steps == 3 and cfg.inner.mode is Mode.SLOW and cfg.inner.clip == 5.0
+    assert cfg.inner.betas == (0.8, 0.9) and cfg.flag is True
+    assert cfg.kwargs == {"depths": [1, 2], "dims": 8}  # free-form mappings merge sub-keys
+    assert cfg.inner.name == "x"  # untouched keys keep their defaults
+    save_config(cfg, tmp_path / "round.yaml")
+    assert load_config(Outer, tmp_path / "round.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("inner.lrr=1", r"unknown config key 'inner\.lrr'; did you mean 'inner\.lr'"),
+    ("iner.lr=1", r"unknown config key 'iner'; did you mean 'inner'"),
+    ("inner.lr.x=1", r"'inner\.lr' is a value, not a section"),
+    ("inner.steps=1.5", r"'inner\.steps' must be an integer"),
+    ("inner.mode=medium", r"'inner\.mode' must be one of \['fast', 'slow'\]"),
+    ("flag=yes please", r"'flag' must be true or false"),
+    ("inner.betas=[1]", r"'inner\.betas' must have 2 items"),
+    ("inner.lr", r"must look like section\.key=value"),
+])
+def test_bad_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, [override])
+
+
+def test_typo_in_a_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  setps: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner\.setps'; did you mean 'inner\.steps'"):
+        load_config(Outer, path)
+    path.write_text("- just a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(Outer, path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_describe_lists_every_key_with_default_and_help() -> None:
+    text = describe_config(Outer)
+    assert "[inner] the inner section" in text
+    assert "inner.lr = 0.001  peak learning rate" in text
+    assert "inner.mode = fast {fast, slow}" in text
+    assert "kwargs = {}" in text and "flag = false" in text
+
+
+def test_parse_value_and_to_dict() -> None:
+    assert parse_value("1e-3") == 1e-3 and parse_value("[1, 2]") == [1, 2] and parse_value("null") is None
+    assert config_to_dict(Outer())["inner"]["mode"] == "fast"
+    assert apply_overrides(Outer, {}, ["kwargs.a.b=1"]) == {"kwargs": {"a": {"b": 1}}}
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+
+    def failing(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # the temporary file is gone
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new"
+
+
+def test_weights_round_trip_with_metadata_and_shared_storage(tmp_path: Path) -> None:
+    base = torch.randn(4, 3)
+    state = {"a": base, "a_view": base[1:], "b": torch.arange(5)}  # a view shares storage with "a"
+    save_weights(tmp_path / "w.safetensors", state, {"epoch": 3, "model": "m"})
+    back = load_weights(tmp_path / "w.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert read_weights_metadata(tmp_path / "w.safetensors") == {"epoch": "3", "model": "m"}
+
+
+def test_state_with_rng_loads_weights_only_and_replays(tmp_path: Path) -> None:
+    seed_everything(5)
+    save_state(tmp_path / "s.pt", {"rng": capture_rng_state(), "epoch": 2})
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.random(), np.random.rand(), torch.rand(2)  # move every generator on
+    state = load_state(tmp_path / "s.pt")
+    restore_rng_state(state["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+    assert state["epoch"] == 2
+
+
+def test_csv_log_grows_columns_and_truncates_for_resume(tmp_path: Path) -> None:
+    log = CsvLog(tmp_path / "log.csv")
+    log.append({"epoch": 1, "loss": 2.0})
+    log.append({"epoch": 2, "loss": 1.5, "top1": 40.0})
+    log.append({"epoch": 3, "loss": 1.2, "top1": 50.0})
+    log.truncate_after("epoch", 2)
+    assert log.rows() == [{"epoch": 1.0, "loss": 2.0}, {"epoch": 2.0, "loss": 1.5, "top1": 40.0}]
+    assert (tmp_path / "log.csv").read_text().splitlines()[0] == "epoch,loss,top1"
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    rows = [{"epoch": e, "loss": 1 / e, "top1": 10 * e} for e in range(1, 4)]
+    plot_curves(rows, "epoch", {"loss": ["loss", "absent"], "acc": ["top1"]}, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_single_process_distributed_helpers_are_no_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = init_distributed("cpu")
+    assert ctx == DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")) and ctx.is_main
+    x = torch.tensor([1.0, 2.0])
+    assert torch.equal(all_reduce_sum(x, ctx), x) and all_gather_objects({"a": 1}, ctx) == [{"a": 1}]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            init_distributed("cuda")
+
+
+def test_precision_rules() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="float16 needs CUDA"):
+        check_precision(cpu, "float16")
+    assert grad_scaler(cpu, Precision.BFLOAT16) is None
+    with autocast(cpu, Precision.BFLOAT16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(cpu, "float32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
