@@ -250,7 +250,8 @@ def test_custom_op_registrations_and_compile():
     )
     u = inputs["u"].clone().requires_grad_()
     out = compiled(u, inputs["delta"].abs())
-    torch.testing.assert_close(out, selective_scan_ref(inputs["u"], inputs["delta"].abs(), *[inputs[k] for k in "ABC"], inputs["D"]))
+    expected = selective_scan_ref(inputs["u"], inputs["delta"].abs(), *[inputs[k] for k in "ABC"], inputs["D"])
+    torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert u.grad is not None and torch.isfinite(u.grad).all()
 
@@ -283,3 +284,24 @@ def test_empty_sequence_and_bad_chunk_size_raise():
     empty = {k: v[..., :0] if k in ("u", "delta", "z", "B", "C") else v for k, v in inputs.items()}
     with pytest.raises(ValueError, match="length >= 1"):
         selective_scan(**empty)
+
+
+def test_mamba_mixer_mixing_matrix_is_the_mean_magnitude_of_its_scan():
+    from vmamba.mixers import create_mixer
+
+    mixer = create_mixer("mamba", 4, 2, d_state=3)
+    x = torch.randn(2, 2, 7, 4)
+    with torch.no_grad():
+        mean_abs = mixer.mixing_matrix(x)
+        y = mixer(x)
+    assert mean_abs.shape == (2, 2, 7, 7) and torch.all(mean_abs.triu(1) == 0)
+    # Rebuild every channel's matrix: it reproduces the mixer's output, and its mean magnitude is what was returned.
+    with torch.no_grad():
+        x_dbl = torch.einsum("bklc,kdc->bkdl", x, mixer.x_proj_weight)
+        dts, Bs, Cs = torch.split(x_dbl, [mixer.dt_rank, 3, 3], dim=2)
+        dts = torch.einsum("bkrl,kcr->bkcl", dts, mixer.dt_projs_weight)
+        A, Ds, bias = -torch.exp(mixer.A_logs).view(2, 4, 3), mixer.Ds.view(2, 4), mixer.dt_projs_bias
+        for k in range(2):
+            m = selective_scan_mixing_matrix(dts[:, k], A[k], Bs[:, k], Cs[:, k], Ds[k], bias[k], True)  # (B, C, L, L)
+            torch.testing.assert_close(torch.einsum("bcts,bsc->btc", m, x[:, k]), y[:, k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.abs().mean(1), mean_abs[:, k])

@@ -93,3 +93,28 @@ class MambaMixer(SequenceMixer):
             delta_softplus=True,
         )
         return y.view(batch, k, c, length).transpose(2, 3)
+
+    def mixing_matrix(self, x: Tensor) -> Tensor:
+        """``x: (B, K, L, C) -> (B, K, L, L)``: mean over the C channels of ``|M|``, where ``M`` is each channel's
+        semi-separable mixing matrix (:func:`vmamba.ops.selective_scan_mixing_matrix`, the D skip on its diagonal):
+        ``forward(x)[b, k, t, c] == sum_s M_c[b, k, t, s] x[b, k, s, c]``. Costs ``O(B K C L^2)`` time."""
+        from ..ops import selective_scan_mixing_matrix  # local: this method is the only user in this module
+
+        self.check_input(x)
+        batch, k, length, c = x.shape
+        r, n = self.dt_rank, self.d_state
+        x_dbl = torch.einsum("bklc,kdc->bkdl", x, self.x_proj_weight)  # (B, K, R+2N, L)
+        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=2)
+        dts = torch.einsum("bkrl,kcr->bkcl", dts, self.dt_projs_weight)  # (B, K, C, L)
+        A = -torch.exp(self.A_logs.float()).view(k, c, n)
+        Ds, bias = self.Ds.float().view(k, c), self.dt_projs_bias.float()
+        total = x.new_zeros(batch, k, length, length, dtype=torch.float32)
+        step = max(1, (1 << 24) // (batch * length * length * n))  # channels per block: bounded temporaries
+        for i in range(k):
+            for start in range(0, c, step):
+                cs = slice(start, min(start + step, c))
+                m = selective_scan_mixing_matrix(
+                    dts[:, i, cs], A[i, cs], Bs[:, i], Cs[:, i], Ds[i, cs], bias[i, cs], delta_softplus=True
+                )
+                total[:, i] += m.abs().sum(1)
+        return total / c
