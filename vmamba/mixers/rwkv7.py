@@ -92,7 +92,7 @@ class RWKV7Mixer(SequenceMixer):
         value_rank: int | None = None,
         gate_rank: int | None = None,
         dim_model: int | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = 16,
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__(dim, num_directions)

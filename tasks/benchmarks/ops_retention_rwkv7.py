@@ -1,0 +1,83 @@
+"""Retention (RetNet) and RWKV-7: chunked default against the loop reference, forward and forward+backward.
+
+Sizes (issue 4): B=1, H=4, T=3136 (a 56x56 map), K=V=32. RWKV-7 inputs are built as its layer builds them
+(log-decay in (-e^-0.5, 0), ``a = -kk``, ``b = kk * iclr`` with unit-norm ``kk``). Every ratio is
+``loop time / chunked time`` from one interleaved run. Target: each chunked op at least 20x faster than its
+loop reference, forward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tasks.benchmarks.common import format_ratio, print_table, time_interleaved
+from vmamba.ops import retention, retention_ref, rwkv7, rwkv7_ref
+
+TARGET_FORWARD_RATIO = 20.0
+BATCH, HEADS, DK, DV = 1, 4, 32, 32
+
+
+def _retention_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    q = torch.randn(BATCH, length, HEADS, DK)
+    k = torch.randn(BATCH, length, HEADS, DK)
+    v = torch.randn(BATCH, length, HEADS, DV)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def _rwkv7_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
+    shape = (BATCH, length, HEADS, DK)
+    r, k = torch.randn(shape), torch.randn(shape)
+    v = torch.randn(BATCH, length, HEADS, DV)
+    w = -math.exp(-0.5) * torch.sigmoid(torch.randn(shape))
+    kk = F.normalize(torch.randn(shape), dim=-1)
+    iclr = torch.sigmoid(torch.randn(shape))
+    return tuple(t.requires_grad_(requires_grad) for t in (r, w, k, v, -kk, kk * iclr))
+
+
+def _forward_backward(fn: Callable[..., tuple[torch.Tensor, object]], inputs: tuple[torch.Tensor, ...]):
+    def go() -> None:
+        for t in inputs:
+            t.grad = None
+        out, _ = fn(*inputs)
+        out.sum().backward()
+
+    return go
+
+
+def run(quick: bool) -> None:
+    length = 512 if quick else 3136
+    repeats = 2 if quick else 5
+    cases = {
+        "retention": (retention_ref, retention, _retention_inputs),
+        "rwkv7": (rwkv7_ref, rwkv7, _rwkv7_inputs),
+    }
+    rows = []
+    for name, (ref, chunked, make) in cases.items():
+        inputs = make(length, requires_grad=False)
+        with torch.no_grad():
+            fwd = time_interleaved(
+                {"loop": lambda: ref(*inputs), "chunked": lambda: chunked(*inputs)}, repeats=repeats
+            )
+        inputs_g = make(length, requires_grad=True)
+        both = time_interleaved(
+            {"loop": _forward_backward(ref, inputs_g), "chunked": _forward_backward(chunked, inputs_g)},
+            repeats=max(1, repeats // 2),
+        )
+        for label, res in (("forward", fwd), ("forward+backward", both)):
+            loop_s, chunk_s = res["loop"].median, res["chunked"].median
+            target, verdict = "-", ""
+            if label == "forward":
+                target = f">= {TARGET_FORWARD_RATIO:.0f}x"
+                verdict = " (met)" if loop_s / chunk_s >= TARGET_FORWARD_RATIO else " (missed)"
+            rows.append(
+                [name, label, f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", format_ratio(loop_s, chunk_s) + verdict,
+                 target]
+            )
+    print_table(
+        f"Retention / RWKV-7 chunked vs loop reference (B={BATCH}, H={HEADS}, T={length}, K=V={DK})",
+        ["op", "pass", "loop ms", "chunked ms", "speed-up", "target"],
+        rows,
+    )
