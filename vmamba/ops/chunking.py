@@ -9,20 +9,27 @@ channel (GLA: ``g (..., T, K)``). Unrolled, ``o = M v`` with the lower-triangula
 The chunked form cuts T into chunks of Q tokens: inside a chunk it builds M's diagonal block densely
 (matmuls), across chunks it carries the (K, V) state with a short loop over chunks.
 
-Numerical stability: every exponent this module evaluates is a sum of log-decays over a forward range, so
-it is ``<= 0`` and ``exp`` cannot overflow, however strong the decay and however long the sequence.
-The textbook factorisation ``(q exp G) (k exp -G)ᵀ`` is never used (``exp(-G)`` overflows once the
-cumulative decay inside a chunk passes ~88). For scalar decays the block is ``(q kᵀ) * exp(G_t - G_s)``
-with the difference masked; for per-channel decays the block is assembled by recursive halving
-(:func:`_per_channel_block`): the coupling of the second half of a block to its first half factors exactly
-through the last position ``r`` of the first half, ``exp(G_t - G_r) exp(G_r - G_s)``, both factors <= 1.
-Cumulative sums are taken in float64 and only their (short-range) differences are rounded, so long
-sequences lose no precision near the diagonal.
+Numerical stability (nothing here can overflow, however strong the decay and however long the sequence):
+
+* Scalar decays: the block is ``(q kᵀ) * exp(G_t - G_s)``, the difference masked to ``-inf`` above the
+  diagonal, so every exponent evaluated is ``<= 0``.
+* Per-channel decays take the fast factorisation ``(q exp G)(k exp -G)ᵀ`` (``G`` the in-chunk cumulative
+  log-decay, restarted in every chunk) only when every chunk's total decay stays within
+  :data:`LOG_RANGE_LIMIT`, so ``exp(-G) <= e^60``; entries above the diagonal (which can be large) are
+  replaced by zeros, never multiplied by them. Otherwise the block is assembled by recursive halving
+  (:func:`_halving_terms`): the coupling of a block's second half to its first half factors exactly
+  through the first half's last position ``r``, ``exp(G_t - G_r) exp(G_r - G_s)``, both factors in [0, 1].
+  Both paths are exact; tests drive each.
+* Cumulative sums are chunk-local; a single chunk longer than 256 tokens (the quadratic form) forms its
+  scalar cumulative sums in float64 and rounds only their differences.
 
 Tensors here are head-major (``(..., T, K)``) and already in the compute dtype; the public ops
 (:mod:`vmamba.ops.ssd`, :mod:`vmamba.ops.gla`) convert layouts and dtypes.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,24 +48,81 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _scalar_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Chunk terms for one decay per head: ``gc (..., n, Q, 1)``.
+#: Largest in-chunk total log-decay for which the per-channel fast path factorises ``exp(G_t - G_s)``.
+LOG_RANGE_LIMIT = 60.0
+#: Chunks longer than this form scalar cumulative sums in float64 (only the quadratic form has such chunks).
+_PRECISE_CUMSUM_LENGTH = 256
 
-    The cumulative sums are float64 (they are short: one value per token and head) and only their
-    differences, which are local, get rounded to the compute dtype.
-    """
-    dtype, size = qc.dtype, qc.shape[-2]
-    cum = gc[..., 0].double().cumsum(-1)  # (..., n, Q), restarted in every chunk
-    upper = torch.ones(size, size, dtype=torch.bool, device=qc.device).triu(1)
-    diff = (cum[..., :, None] - cum[..., None, :]).to(dtype)  # [t, s] = sum_{s<u<=t} g_u for s <= t
-    intra = (qc @ kc.transpose(-1, -2)) * torch.exp(diff.masked_fill(upper, float("-inf")))
-    to_end = torch.exp((cum[..., -1:] - cum).to(dtype))[..., None]  # sum_{s<u<=Q} g_u
+
+@dataclass
+class _Chunks:
+    """What the chunk loop needs from a decay type, every tensor ``(..., n, ...)`` over the n chunks."""
+
+    intra_out: Tensor  # (..., n, Q, V): each chunk's own tokens mixed by the diagonal block
+    chunk_states: Tensor  # (..., n, K, V): what each chunk adds to the state, decayed to the chunk's end
+    decay: Tensor  # (..., n, K or 1, 1): each chunk's total decay of the carried state
+    read: Callable[[Tensor], Tensor]  # (..., n, K, V) states entering the chunks -> (..., n, Q, V) outputs
+
+
+def _causal_bias(size: int, like: Tensor) -> Tensor:
+    """``(size, size)``: 0 on and below the diagonal, ``-inf`` above (added to exponents: exp gives 0)."""
+    return torch.full((size, size), float("-inf"), dtype=like.dtype, device=like.device).triu(1)
+
+
+def _scalar_cumsum(gc: Tensor) -> Tensor:
+    """In-chunk inclusive cumulative log-decay ``(..., n, Q)`` of ``gc (..., n, Q, 1)`` (float64 for long chunks)."""
+    cum_dtype = torch.float64 if gc.shape[-2] > _PRECISE_CUMSUM_LENGTH else gc.dtype
+    return gc[..., 0].to(cum_dtype).cumsum(-1)
+
+
+def _scalar_block(qc: Tensor, kc: Tensor, cum: Tensor, dtype: torch.dtype) -> Tensor:
+    """Diagonal block ``(q kᵀ) * exp(G_t - G_s)`` for one decay per head: ``(..., n, Q, Q)``."""
+    size = cum.shape[-1]
+    # [t, s] = sum_{s<u<=t} g_u for s <= t, -inf above the diagonal (exp gives exactly 0, gradient 0)
+    exponent = (cum[..., :, None] + _causal_bias(size, cum)) - cum[..., None, :]
+    return (qc @ kc.transpose(-1, -2)) * torch.exp(exponent.to(dtype))
+
+
+def _shared_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` where ``a (..., 1, n, i, j)`` may be shared by the R heads of ``b (..., R, n, j, k)`` (SSD's
+    grouped B/C): the heads are folded into the product's columns instead of copying ``a`` R times."""
+    if a.dim() >= 4 and b.dim() >= 4 and a.shape[-4] == 1 < b.shape[-4]:
+        return torch.einsum("...nij,...rnjk->...rnik", a.squeeze(-4), b)
+    return a @ b
+
+
+def _scalar_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor) -> _Chunks:
+    """One decay per head: the decays are scalars per token, so they scale the values written into the state
+    and the outputs read from it rather than the (possibly group-shared, wider) queries and keys."""
+    dtype = vc.dtype
+    cum = _scalar_cumsum(gc)
+    to_end = torch.exp((cum[..., -1:] - cum).to(dtype))[..., None]  # (..., n, Q, 1): sum_{s<u<=Q} g_u
     from_start = torch.exp(cum.to(dtype))[..., None]  # sum_{u<=t} g_u
-    return intra, qc * from_start, kc * to_end, from_start[..., -1, :]
+    return _Chunks(
+        intra_out=_scalar_block(qc, kc, cum, dtype) @ vc,
+        chunk_states=_shared_matmul(kc.transpose(-1, -2), vc * to_end),
+        decay=from_start[..., -1:, :],
+        read=lambda starts: _shared_matmul(qc, starts) * from_start,
+    )
 
 
 def _per_channel_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Chunk terms for a decay per key channel: ``gc (..., n, Q, K)``, by recursive halving.
+    """Chunk terms for a decay per key channel: ``gc (..., n, Q, K)``; the fast factorisation when every
+    chunk's total decay is within :data:`LOG_RANGE_LIMIT`, else recursive halving."""
+    cum = gc.cumsum(-2)  # (..., n, Q, K), restarted in every chunk; the last row is each chunk's total
+    if cum.numel() == 0 or float(cum[..., -1, :].detach().min()) < -LOG_RANGE_LIMIT:
+        return _halving_terms(qc, kc, gc)
+    from_start = torch.exp(cum)  # in [e^-60, 1]
+    q_in = qc * from_start
+    # k_s exp(-G_s) <= e^60 |k_s|; an exp, not a division by from_start: that backward squares from_start
+    k_rel = kc * torch.exp(-cum)
+    intra = (q_in @ k_rel.transpose(-1, -2)).tril()  # replaces the (possibly huge) upper entries by zeros
+    decay = from_start[..., -1, :]
+    return intra, q_in, k_rel * decay[..., None, :], decay
+
+
+def _halving_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Chunk terms for a decay per key channel by recursive halving (any decay strength).
 
     Blocks of size 1 hold ``q_t . k_t``. Two neighbouring blocks of size m join into one of size 2m whose
     lower-left quadrant couples late queries t to early keys s through r, the early half's last position:
@@ -93,18 +157,18 @@ def _per_channel_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tens
         m *= 2
     intra = block.squeeze(-3)[..., :size, :size]
     # prefix = exp(G_t) from the chunk start, suffix = exp(G_Q - G_s) to its end (padding decays by 1).
-    return intra, qc[..., :size, :] * prefix[..., :size, :], kc[..., :size, :] * suffix[..., :size, :], prefix[..., -1, :]
+    q_in = qc[..., :size, :] * prefix[..., :size, :]
+    return intra, q_in, kc[..., :size, :] * suffix[..., :size, :], prefix[..., -1, :]
 
 
-def _chunk_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(intra (..., n, Q, Q), q_in (..., n, Q, K), k_out (..., n, Q, K), decay (..., n, K or 1))``.
-
-    intra is the diagonal block of the mixing matrix; ``q_in = q_t exp(G_t)`` reads the state carried into
-    the chunk, ``k_out = k_s exp(G_Q - G_s)`` writes the state carried out, ``decay = exp(G_Q)``.
-    """
-    if gc.shape[-1] == 1:
-        return _scalar_terms(qc, kc, gc)
-    return _per_channel_terms(qc, kc, gc)
+def _per_channel_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor) -> _Chunks:
+    intra, q_in, k_out, decay = _per_channel_terms(qc, kc, gc)
+    return _Chunks(
+        intra_out=intra @ vc,
+        chunk_states=k_out.transpose(-1, -2) @ vc,
+        decay=decay[..., None],
+        read=lambda starts: q_in @ starts,
+    )
 
 
 def chunked_decay_attention(
@@ -130,27 +194,25 @@ def chunked_decay_attention(
     """
     dtype = v.dtype
     length = v.shape[-2]
+    batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], log_decay.shape[:-2])
+    state = v.new_zeros(*batch_shape, q.shape[-1], v.shape[-1])
+    if initial_state is not None:
+        state = state + initial_state
+    if length == 0:
+        return v.new_zeros(*batch_shape, 0, v.shape[-1]), state
     size = max(1, min(chunk_size, length))
     chunks = -(-length // size)
     pad = chunks * size - length
     if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
         q, k, v, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_decay))
     qc, kc, vc, gc = (t.unflatten(-2, (chunks, size)) for t in (q, k, v, log_decay))  # (..., n, Q, *)
-    intra, q_in, k_out, decay = _chunk_terms(qc, kc, gc)
-    chunk_states = k_out.transpose(-1, -2) @ vc  # (..., n, K, V)
-    chunk_decay = decay[..., None]  # (..., n, K or 1, 1)
-    batch_shape = chunk_states.shape[:-3]
-    state = chunk_states.new_zeros(*batch_shape, *chunk_states.shape[-2:])
-    if initial_state is not None:
-        state = state + initial_state
-    starts = []
-    for c in range(chunks):
+    parts = (_scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks)(qc, kc, vc, gc)
+    starts = []  # the state entering each chunk
+    for decay, written in zip(parts.decay.unbind(-3), parts.chunk_states.unbind(-3)):
         starts.append(state)
-        state = chunk_decay[..., c, :, :] * state + chunk_states[..., c, :, :]
-    starts = torch.stack(starts, dim=-3)  # (..., n, K, V)
-    o = q_in @ starts + intra @ vc
-    o = o.flatten(-3, -2)[..., :length, :]
-    return o.to(dtype), state
+        state = torch.addcmul(written, decay, state)
+    o = parts.intra_out + parts.read(torch.stack(starts, dim=-3))
+    return o.flatten(-3, -2)[..., :length, :].to(dtype), state
 
 
 def decay_attention_matrix(q: Tensor, k: Tensor, log_decay: Tensor) -> Tensor:
@@ -158,7 +220,12 @@ def decay_attention_matrix(q: Tensor, k: Tensor, log_decay: Tensor) -> Tensor:
 
     q, k: ``(..., T, K)``; log_decay: ``(..., T, 1)`` or ``(..., T, K)``. ``o = M v`` from a zero state.
     """
-    return _chunk_terms(q.unsqueeze(-3), k.unsqueeze(-3), log_decay.unsqueeze(-3))[0].squeeze(-3)
+    qc, kc, gc = (t.unsqueeze(-3) for t in (q, k, log_decay))  # one chunk
+    if log_decay.shape[-1] == 1:
+        block = _scalar_block(qc, kc, _scalar_cumsum(gc), torch.promote_types(q.dtype, k.dtype))
+    else:
+        block = _per_channel_terms(qc, kc, gc)[0]
+    return block.squeeze(-3)
 
 
 def quadratic_decay_attention(

@@ -39,8 +39,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor | None, g: Tensor, initial_state: Ten
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
         if t is not None and not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if g.numel() and bool((g > 0).any()):
-        raise ValueError(f"g is a log-space decay and must be <= 0; got a maximum of {g.max().item():.4g}")
+    if g.numel() and (top := float(g.detach().amax())) > 0:
+        raise ValueError(f"g is a log-space decay and must be <= 0; got a maximum of {top:.4g}")
     if initial_state is not None and v is not None:
         expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
         if tuple(initial_state.shape) != expected:
@@ -68,7 +68,7 @@ def _run(
             _head_major(q, dtype) * s,
             _head_major(k, dtype),
             _head_major(v, dtype),
-            _head_major(g, dtype),
+            g.transpose(1, 2).to(dtype),  # only its in-chunk cumulative sum is formed, already contiguous
             None if initial_state is None else initial_state.to(dtype),
             **kwargs,
         )

@@ -84,10 +84,10 @@ def _prepare_dt(
     if dt_softplus:
         dt = F.softplus(dt)
     log_decay = dt * A.to(dtype)
-    if log_decay.numel() and bool((log_decay > 0).any()):
+    if log_decay.numel() and (top := float(log_decay.detach().amax())) > 0:
         raise ValueError(
             "dt * A must be <= 0 (a decay): A must be negative and dt non-negative (use dt_softplus=True); "
-            f"got a maximum of {log_decay.max().item():.4g}"
+            f"got a maximum of {top:.4g}"
         )
     return dt, log_decay
 
