@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from .config import ModelSource, ModelSpec, Task
 
 __all__ = ["register_our_models", "resolve_source", "check_models", "size_kwargs", "build_model", "input_shape",
-           "count_parameters"]
+           "count_parameters", "count_parameters_without_weights"]
 
 
 def register_our_models() -> None:
@@ -87,8 +88,10 @@ def _accepts(fn: Any, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def size_kwargs(spec: ModelSpec, task: Task, resolution: int, spatial_dims: int = 2) -> dict[str, Any]:
+def size_kwargs(spec: ModelSpec, task: Task, resolution: int | Sequence[int], spatial_dims: int = 2) -> dict[str, Any]:
     """``{"img_size": ...}`` when the model's constructor takes an input size, else ``{}``.
+
+    ``resolution`` is one size for every axis or one per axis (a training ROI such as ``(96, 96, 64)``).
 
     ViT, DeiT, Swin and Vim size their position tables / windows from ``img_size``, UNETR its patch grid;
     fully convolutional models (ConvNeXt, MambaOut, VMamba, SwinUNETR) take any size as built. For timm
@@ -99,7 +102,8 @@ def size_kwargs(spec: ModelSpec, task: Task, resolution: int, spatial_dims: int 
     source = resolve_source(spec, task)
     if source is not ModelSource.TIMM:
         cls = getattr(_segmentation_module(source), spec.name)
-        return {"img_size": (resolution,) * spatial_dims} if _accepts(cls, "img_size") else {}
+        size = tuple(resolution) if isinstance(resolution, Sequence) else (resolution,) * spatial_dims
+        return {"img_size": size} if _accepts(cls, "img_size") else {}
     import timm
 
     register_our_models()
@@ -117,12 +121,12 @@ def build_model(
     spec: ModelSpec,
     task: Task,
     *,
-    resolution: int | None,
+    resolution: int | Sequence[int] | None,
     in_chans: int,
     num_classes: int,
     spatial_dims: int = 2,
 ) -> nn.Module:
-    """Create one model for inputs of ``resolution`` (None: the model's own default size).
+    """Create one model for inputs of ``resolution`` (one size, or one per axis; None: the model's default).
 
     Models whose constructor takes an input size get it (:func:`size_kwargs`). Segmentation classes get
     ``in_channels``, ``out_channels`` and ``spatial_dims`` when their signature has them.
@@ -152,4 +156,16 @@ def input_shape(batch_size: int, in_chans: int, resolution: int, spatial_dims: i
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_parameters_without_weights(spec: ModelSpec, task: Task, *, resolution: int, in_chans: int,
+                                     num_classes: int, spatial_dims: int = 2) -> int | None:
+    """Parameters of a model built on the meta device (no memory, no init); None if it cannot be built."""
+    try:
+        with torch.device("meta"):
+            model = build_model(spec, task, resolution=resolution, in_chans=in_chans, num_classes=num_classes,
+                                spatial_dims=spatial_dims)
+    except Exception:  # noqa: BLE001 - the speed cells or the accuracy run report why
+        return None
+    return count_parameters(model)
 

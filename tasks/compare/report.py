@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from tasks.common.checkpoint import atomic_write  # noqa: E402
 from tasks.common.config import save_config  # noqa: E402
 
-from .accuracy import PRIMARY_METRIC  # noqa: E402
+from .accuracy import PRIMARY_METRIC, metric_title  # noqa: E402
 from .config import CompareConfig, PassMode, config_to_dict  # noqa: E402
 from .runner import CompareResult, ModelSummary  # noqa: E402
 
@@ -134,7 +134,7 @@ def markdown_tables(result: CompareResult) -> str:
     cfg = result.config
     speed = cfg.speed
     ref = speed.resolutions[0]
-    metric_key, metric_name = PRIMARY_METRIC[cfg.task]
+    metric_key = PRIMARY_METRIC[cfg.task]
     has_accuracy = any(m.accuracy is not None for m in result.models)
     extra_metrics = []
     for m in result.models:
@@ -143,7 +143,7 @@ def markdown_tables(result: CompareResult) -> str:
     passes = " fwd+bwd" if speed.mode is PassMode.FORWARD_BACKWARD else ""
     header = ["Model", "Params (M)", f"GMACs @{ref}{passes}"]
     if has_accuracy:
-        header += [metric_name] + extra_metrics + ["Train (s)"]
+        header += [metric_title(k) for k in [metric_key] + extra_metrics] + ["Train (s)"]
     header += ["Time exp.", "Memory exp."]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for m in result.models:
@@ -158,6 +158,8 @@ def markdown_tables(result: CompareResult) -> str:
         lines.append("| " + " | ".join(row) + " |")
     unit = "volumes" if speed.spatial_dims == 3 else "images"
     sections = ["\n".join(lines)]
+    if not speed.enabled:
+        return sections[0]
     for title, value in (
         (f"Throughput ({unit}/s, batch {speed.batch_size}, {speed.mode.value})",
          lambda c: c.images_per_second),
@@ -175,7 +177,7 @@ def markdown_tables(result: CompareResult) -> str:
 def _notes(result: CompareResult) -> list[str]:
     notes = []
     for m in result.models:
-        for c in m.cells:
+        for c in m.cells if result.config.speed.enabled else []:
             if not c.ok:
                 notes.append(f"- {m.label} @ {c.resolution}: n/a, {c.reason}")
         if m.accuracy is not None and not m.accuracy.ok:
@@ -233,13 +235,19 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "python -m tasks.compare" if name in ("__main__.py", "-m", "-c", "") else name
+
+
 def environment_record(result: CompareResult) -> dict[str, Any]:
     """Machine, libraries and settings the numbers were measured with."""
     cfg = result.config
     cuda = torch.cuda.is_available()
     return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join([_program()] + sys.argv[1:]),
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": _cpu_model(),
@@ -286,7 +294,8 @@ def _plot_lines(result: CompareResult, value, ylabel: str, title: str, path: Pat
 
 
 def _plot_accuracy(result: CompareResult, path: Path) -> None:
-    metric_key, metric_name = PRIMARY_METRIC[result.config.task]
+    metric_key = PRIMARY_METRIC[result.config.task]
+    metric_name = metric_title(metric_key)
     ref = result.config.speed.resolutions[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     plotted = 0
@@ -330,11 +339,12 @@ def write_report(result: CompareResult, out_dir: Path) -> list[Path]:
     save_config(cfg, out_dir / "config.yaml")
     written.append(out_dir / "config.yaml")
     unit = "volumes" if cfg.speed.spatial_dims == 3 else "images"
-    _plot_lines(result, lambda c: c.images_per_second, f"{unit} / s", "Throughput vs resolution",
-                out_dir / "throughput.png")
-    _plot_lines(result, lambda c: None if c.peak_memory_bytes is None else c.peak_memory_bytes / MB,
-                "peak memory above model (MB)", "Peak memory vs resolution", out_dir / "memory.png")
-    written += [out_dir / "throughput.png", out_dir / "memory.png"]
+    if cfg.speed.enabled:
+        _plot_lines(result, lambda c: c.images_per_second, f"{unit} / s", "Throughput vs resolution",
+                    out_dir / "throughput.png")
+        _plot_lines(result, lambda c: None if c.peak_memory_bytes is None else c.peak_memory_bytes / MB,
+                    "peak memory above model (MB)", "Peak memory vs resolution", out_dir / "memory.png")
+        written += [out_dir / "throughput.png", out_dir / "memory.png"]
     if cfg.accuracy.enabled:
         _plot_accuracy(result, out_dir / "accuracy_vs_flops.png")
         written.append(out_dir / "accuracy_vs_flops.png")
@@ -348,9 +358,10 @@ def write_report(result: CompareResult, out_dir: Path) -> list[Path]:
         f"timm {env['versions']['timm']}, monai {env['versions']['monai']}.",
         f"Settings: {_settings_line(cfg)}.",
         "GMACs = FLOPs / 2, FLOPs counted by torch's FlopCounterMode with the scan formulas registered. "
-        "Memory: peak above the child process's baseline after imports and model build "
-        f"({'; '.join(result.memory_methods) or 'not measured'}). Growth exponents: least-squares slope of "
-        "log(step time) and log(peak memory) against log(token count).",
+        + (f"Memory: peak above the child process's baseline after imports, model build and warm-up "
+           f"({'; '.join(result.memory_methods)}). Growth exponents: least-squares slope of log(step time) and "
+           f"log(peak memory) against log(tokens = (resolution / {cfg.speed.token_stride})^{cfg.speed.spatial_dims})."
+           if cfg.speed.enabled else "Speed and memory were not measured (speed.enabled: false)."),
         "",
         markdown_tables(result),
     ]

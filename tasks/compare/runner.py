@@ -15,7 +15,7 @@ from pathlib import Path
 from .accuracy import AccuracyResult, run_accuracy
 from .config import CompareConfig
 from .growth import growth_exponent, token_count
-from .models import check_models
+from .models import check_models, count_parameters_without_weights
 from .speed import CellJob, CellResult, run_cell
 
 __all__ = ["CellSummary", "ModelSummary", "CompareResult", "run_compare", "summarise"]
@@ -127,6 +127,10 @@ def summarise(cfg: CompareConfig, cells: list[CellResult],
                 peak_memory_bytes=int(statistics.median(memory)) if memory else None,
                 flops=flops[0] if flops else None, trials_ok=len(ok),
             ))
+        if params is None:  # speed off, or no cell got as far as building the model
+            params = count_parameters_without_weights(
+                spec, cfg.task, resolution=speed.resolutions[0], in_chans=speed.in_chans,
+                num_classes=speed.num_classes, spatial_dims=speed.spatial_dims)
         tokens = [c.tokens for c in summaries]
         out.append(ModelSummary(
             label=label, name=spec.name, params=params, cells=summaries,
