@@ -101,6 +101,25 @@ def test_safetensors_weights_load_into_a_plain_timm_model(finished_run) -> None:
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
 
 
+def test_init_checkpoint_with_other_classes_keeps_the_body_and_drops_the_head(finished_run) -> None:
+    out, _ = finished_run
+    model = build_model("vmamba_t", 5, {"depths": [1, 1], "dims": 8}, checkpoint=out / "last.safetensors")
+    saved = load_weights(out / "last.safetensors")
+    state = model.state_dict()
+    assert state["head.fc.weight"].shape == (5, saved["head.fc.weight"].shape[1])
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if not k.startswith("head.fc."))
+
+
+def test_bfloat16_autocast_and_gradient_checkpointing_on_cpu(image_folder: Path, tmp_path: Path) -> None:
+    summary = train_mod.run(base_args(image_folder, tmp_path / "out", epochs=1) + [
+        "--set", "train.precision=bfloat16", "--set", "model.grad_checkpointing=true"])
+    assert summary.epochs_done == 1 and np.isfinite(summary.last["train_loss"])
+    assert summary.last["val_top1"] >= 0
+    # a finished run resumes to nothing and says so
+    again = train_mod.run(base_args(image_folder, tmp_path / "out", epochs=1) + ["--resume"])
+    assert again.epochs_done == 1 and again.last == {}
+
+
 def test_resume_after_a_stop_gives_the_uninterrupted_weights(image_folder: Path, tmp_path: Path) -> None:
     # Everything random is on: RandAugment, Mixup/CutMix, random erasing, drop-path, EMA; one worker process.
     extra = ["--set", "aug.auto_augment=rand-m9-mstd0.5-inc1", "--set", "aug.mixup=0.8", "--set", "aug.cutmix=1.0",
@@ -225,6 +244,21 @@ def test_config_typo_is_named_with_a_suggestion(image_folder: Path, tmp_path: Pa
     bad_file.write_text("optim:\n  lr: 1e-3\nschedul:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'schedul'; did you mean 'schedule'"):
         train_mod.run(["--config", str(bad_file)])
+
+
+def test_too_few_images_for_one_batch_is_named(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "d", n_train=1, n_val=1)
+    with pytest.raises(ImageFolderError, match=r"training set has 3 images, fewer than one batch of 6"):
+        train_mod.run(base_args(data, tmp_path / "out"))
+
+
+def test_validate_needs_a_model_name_for_a_foreign_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "foreign.pth"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ConfigError, match="pass --model NAME"):
+        validate_mod.run(["--checkpoint", str(path), "--data-dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+        validate_mod.run(["--checkpoint", str(tmp_path / "missing.pth"), "--model", "vmamba_t"])
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:

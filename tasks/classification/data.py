@@ -5,8 +5,9 @@ Layout (the ImageNet convention)::
     root/train/<class>/*.jpg|png|...
     root/val/<class>/*.jpg|png|...
 
-Class indices follow the training folder's class names in natural sort order (timm's rule, which is
-also the standard ImageNet synset order); the validation split reuses that map.
+Class indices follow the training folder's class names in plain sorted order, as torchvision's
+``ImageFolder`` (used by the official VMamba and Vim training code) numbers them, so official checkpoints
+score the right classes; the validation split reuses that map.
 """
 from __future__ import annotations
 
@@ -155,10 +156,9 @@ def build_loader(dataset: ImageDataset, pre: PreprocessConfig, batch_size: int, 
     draws exactly the augmentations an uninterrupted one would.
     Batches are ``(images (B, 3, H, W) float, labels (B,) int64)``.
     """
-    if is_training and (len(dataset) // max(1, batch_size) == 0):
-        raise ImageFolderError(f"training set has {len(dataset)} images, fewer than one batch of {batch_size}")
     aug = aug or AugConfig()
     prefetch = device.type == "cuda"
+    num_workers = min(num_workers, os.cpu_count() or 1)  # more loader processes than cores only add contention
     train_kwargs: dict[str, Any] = {}
     if is_training:
         train_kwargs = dict(
@@ -166,7 +166,7 @@ def build_loader(dataset: ImageDataset, pre: PreprocessConfig, batch_size: int, 
             auto_augment=aug.auto_augment, re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount,
             num_aug_repeats=aug.repeated_aug if distributed else 0,
         )
-    return create_loader(
+    loader = create_loader(
         dataset,
         input_size=(3, pre.img_size, pre.img_size),
         batch_size=batch_size,
@@ -184,6 +184,10 @@ def build_loader(dataset: ImageDataset, pre: PreprocessConfig, batch_size: int, 
         persistent_workers=False,
         **train_kwargs,
     )
+    if is_training and len(loader) == 0:  # every batch is dropped as incomplete: the run would never step
+        raise ImageFolderError(f"training set has {len(dataset)} images, fewer than one batch of {batch_size} "
+                               f"per process{' (after sharding)' if distributed else ''}")
+    return loader
 
 
 def build_mixup(aug: AugConfig, num_classes: int) -> Mixup | None:

@@ -139,6 +139,9 @@ def run(argv: list[str] | None = None) -> EvalResult:
     """The command without the error handling: parse ``argv``, validate, print (rank 0) and return the metrics."""
     args = build_parser().parse_args(argv)
     info = checkpoint_info(args.checkpoint)
+    if not info and not (args.model or args.config):
+        raise ConfigError(f"{args.checkpoint} has no header naming its model (an official or foreign file): pass "
+                          "--model NAME (and --set model.kwargs=... for a non-standard size) or --config")
     overrides: list[str] = []
     if "model" in info:  # our own file: it knows how it was built and how its inputs were prepared
         overrides += [f"model.name={info['model']}", f"model.kwargs={json.dumps(info['model_kwargs'])}"]
