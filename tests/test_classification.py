@@ -169,13 +169,24 @@ def _official_vmamba_pth(tmp_path: Path) -> tuple[Path, dict]:
     path = tmp_path / "official.pth"
     torch.save({"model": torch.load(folder / "state_dict.pt")}, path)
     kw = cfg["constructor_kwargs"]
-    return path, {"depths": kw["depths"], "dims": kw["dims"], "ssm_ratio": kw["ssm_ratio"], "d_state": kw["ssm_d_state"]}
+    return path, {"depths": kw["depths"], "dims": kw["dims"], "ssm_ratio": kw["ssm_ratio"],
+                  "d_state": kw["ssm_d_state"]}
 
 
-def test_official_pth_loads_through_timm_pretrained_path(tmp_path: Path) -> None:
-    path, kwargs = _official_vmamba_pth(tmp_path)
-    folder = fixture_path("vmamba_official", "parity_small")
-    model = build_model("vmamba_t", 10, kwargs, checkpoint=path, checkpoint_classes=10).eval()
+def _official_vim_pth(tmp_path: Path) -> tuple[Path, dict]:
+    folder = fixture_path("vim_official", "parity_small")
+    kw = json.loads((folder / "config.json").read_text())["constructor_kwargs"]
+    path = tmp_path / "official_vim.pth"
+    torch.save({"model": torch.load(folder / "state_dict.pt")}, path)
+    return path, {"img_size": kw["img_size"], "patch_size": kw["patch_size"], "stride": kw["stride"],
+                  "embed_dim": kw["embed_dim"], "depth": kw["depth"], "d_state": kw["d_state"]}
+
+
+@pytest.mark.parametrize("family, model_name", [("vmamba_official", "vmamba_t"), ("vim_official", "vim_t")])
+def test_official_pth_loads_through_timm_pretrained_path(family: str, model_name: str, tmp_path: Path) -> None:
+    path, kwargs = (_official_vmamba_pth if family == "vmamba_official" else _official_vim_pth)(tmp_path)
+    folder = fixture_path(family, "parity_small")
+    model = build_model(model_name, 10, kwargs, checkpoint=path, checkpoint_classes=10).eval()
     with torch.no_grad():
         logits = model(torch.load(folder / "input.pt"))
     torch.testing.assert_close(logits, torch.load(folder / "logits.pt"), rtol=0, atol=1e-4)
@@ -238,7 +249,8 @@ def test_unknown_model_name_is_named(image_folder: Path, tmp_path: Path) -> None
 
 
 def test_config_typo_is_named_with_a_suggestion(image_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.weight_decy'; did you mean 'optim\.weight_decay'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.weight_decy'; did you mean "
+                                          r"'optim\.weight_decay'"):
         train_mod.run(base_args(image_folder, tmp_path / "out") + ["--set", "optim.weight_decy=0.1"])
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text("optim:\n  lr: 1e-3\nschedul:\n  epochs: 3\n")
@@ -272,10 +284,13 @@ def test_float16_on_cpu_is_refused(image_folder: Path, tmp_path: Path) -> None:
                                                                    "--set", "train.device=cpu"])
 
 
-def test_help_lists_every_config_key() -> None:
-    proc = subprocess.run([sys.executable, "-m", "tasks.classification.train", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0
-    for key in ("model.drop_path_rate", "aug.mixup", "optim.base_lr", "schedule.warmup_epochs", "ema.decay",
-                "train.precision", "--resume", "--stop-after-epoch"):
-        assert key in proc.stdout
+def test_help_lists_every_config_key(capsys: pytest.CaptureFixture) -> None:
+    # (``python -m tasks.classification.train`` itself runs in the torchrun test)
+    for module, keys in ((train_mod, ("--resume", "--stop-after-epoch")), (validate_mod, ("--checkpoint", "--crop-pct"))):
+        with pytest.raises(SystemExit) as exit_info:
+            module.build_parser().parse_args(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for key in ("model.drop_path_rate", "aug.mixup", "optim.base_lr", "schedule.warmup_epochs", "ema.decay",
+                    "train.precision", *keys):
+            assert key in out

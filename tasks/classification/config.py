@@ -177,7 +177,8 @@ class ClassificationConfig:
         if self.train.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.train.batch_size}")
         if self.mixup_active() and self.aug.mixup_prob > 0 and self.train.batch_size % 2:
-            raise ConfigError(f"Mixup/CutMix pairs images, so train.batch_size must be even, got {self.train.batch_size}")
+            raise ConfigError("Mixup/CutMix pairs images, so train.batch_size must be even, "
+                              f"got {self.train.batch_size}")
         if self.schedule.epochs < 1:
             raise ConfigError(f"schedule.epochs must be >= 1, got {self.schedule.epochs}")
         if not 0 <= self.schedule.warmup_epochs < self.schedule.epochs:

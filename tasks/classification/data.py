@@ -49,7 +49,8 @@ def find_classes(split_dir: str | Path) -> list[str]:
         raise ImageFolderError(f"image folder {split_dir} does not exist (expected {split_dir}/<class>/<images>)")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ImageFolderError(f"image folder {split_dir} has no class sub-folders (expected {split_dir}/<class>/<images>)")
+        raise ImageFolderError(f"image folder {split_dir} has no class sub-folders "
+                               f"(expected {split_dir}/<class>/<images>)")
     extensions = set(get_img_extensions(as_set=True))
     for name in classes:
         if not _has_image(split_dir / name, extensions):
@@ -82,7 +83,8 @@ class StrictImageDataset(ImageDataset):
             return super().__getitem__(index)
         except RuntimeError:
             path = self.filename(index, absolute=True)
-            raise ImageFolderError(f"cannot read image file {path}: {_decode_error(path, self.input_img_mode)}") from None
+            reason = _decode_error(path, self.input_img_mode)
+            raise ImageFolderError(f"cannot read image file {path}: {reason}") from None
 
 
 def _decode_error(path: str, mode: str | None) -> str:

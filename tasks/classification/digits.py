@@ -32,11 +32,13 @@ def write_digits_imagefolder(root: str | Path, size: int = 32, val_every: int = 
     Returns:
         ``root``.
     """
-    from sklearn.datasets import load_digits
-
     root = Path(root)
     if root.exists():
         return root
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # scikit-learn ships the images; it is in the dev extra, not a core dependency
+        raise ImportError("the digits data set comes with scikit-learn: pip install scikit-learn") from e
     if size < 8 or val_every < 2:
         raise ValueError(f"size must be >= 8 and val_every >= 2, got size={size}, val_every={val_every}")
     digits = load_digits()

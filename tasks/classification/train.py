@@ -128,7 +128,8 @@ def _build(cfg: ClassificationConfig, ctx: DistContext, resume: Path | None) -> 
         model.set_grad_checkpointing(True)
     pre = PreprocessConfig.resolve(cfg.data, model)
     common = dict(num_workers=cfg.data.num_workers, distributed=ctx.distributed, pin_memory=cfg.data.pin_memory)
-    train_loader = build_loader(train_set, pre, cfg.train.batch_size, ctx.device, is_training=True, aug=cfg.aug, **common)
+    train_loader = build_loader(train_set, pre, cfg.train.batch_size, ctx.device, is_training=True, aug=cfg.aug,
+                                **common)
     val_loader = build_loader(val_set, pre, cfg.train.batch_size, ctx.device, is_training=False, **common)
 
     optimizer = build_optimizer(cfg, model, ctx.world_size)
@@ -143,7 +144,8 @@ def _build(cfg: ClassificationConfig, ctx: DistContext, resume: Path | None) -> 
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{cfg.model.name}: {n_params / 1e6:.2f} M parameters, {num_classes} classes, "
               f"{len(train_set)} train / {len(val_set)} val images, {ctx.world_size} process(es) on {ctx.device}, "
-              f"global batch {cfg.train.batch_size * ctx.world_size}, peak lr {cfg.learning_rates(ctx.world_size)[0]:.3g}, "
+              f"global batch {cfg.train.batch_size * ctx.world_size}, "
+              f"peak lr {cfg.learning_rates(ctx.world_size)[0]:.3g}, "
               f"{total_epochs} epochs, {len(train_loader)} steps/epoch")
         if cfg.aug.repeated_aug and not ctx.distributed:
             print("note: aug.repeated_aug needs a distributed run (timm's sampler); off in this single process")
@@ -153,7 +155,8 @@ def _build(cfg: ClassificationConfig, ctx: DistContext, resume: Path | None) -> 
         files.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, files.config)
     if ctx.distributed:
-        run.ddp_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        run.ddp_model = DistributedDataParallel(model, device_ids=device_ids)
     return run
 
 

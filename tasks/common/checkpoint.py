@@ -46,7 +46,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> None:
     """Write a state dict as a safetensors file (tensors copied to contiguous CPU memory), atomically.
 
     ``metadata`` must map strings to strings (safetensors' header format).
