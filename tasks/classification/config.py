@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.common.config import ConfigError
+from tasks.common.config import ConfigError, resolve_recipe_path
 from tasks.common.distributed import DevicePreference
 from tasks.common.precision import Precision
 
@@ -196,12 +196,4 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     Raises:
         FileNotFoundError: neither exists (the message lists the recipes).
     """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    recipe = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
-    if path.parent == Path(".") and recipe.is_file():
-        return recipe
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a file nor a recipe in {CONFIG_DIR} "
-                            f"(recipes: {', '.join(known) or 'none'})")
+    return resolve_recipe_path(name_or_path, CONFIG_DIR)
