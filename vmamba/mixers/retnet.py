@@ -89,7 +89,7 @@ class RetNetMixer(SequenceMixer):
         gate_rank: int | None = None,
         use_rotary: bool = True,
         dim_model: int | None = None,
-        chunk_size: int = 64,
+        chunk_size: int = 32,
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__(dim, num_directions)

@@ -170,7 +170,7 @@ def retention(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor | None]:
     """Multi-scale retention with ``gamma_h = 1 - 2^(-5-h)``.
 

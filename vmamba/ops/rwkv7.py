@@ -22,7 +22,7 @@ Forms, all giving the same numbers:
 Numerical stability: in-chunk pairwise decays ``exp(G_t - G_s)`` (``G`` the in-chunk cumulative log
 decay, per key channel) are factorised around a per-channel reference point in the middle of the chunk,
 so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)``; when ``(chunk_size - 1) * max|w|`` would exceed
-:data:`LOG_RANGE_LIMIT` the chunk is shortened accordingly (strong decays: shorter chunks, down to one
+:data:`vmamba.ops.chunking.LOG_RANGE_LIMIT` (the shared engine's bound) the chunk is shortened accordingly (strong decays: shorter chunks, down to one
 token, never inf/NaN). Cross-chunk decays only ever use ``exp`` of non-positive numbers.
 """
 from __future__ import annotations
@@ -33,12 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunking import compute_dtype
+from .chunking import LOG_RANGE_LIMIT, compute_dtype
 
-__all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix", "LOG_RANGE_LIMIT"]
+__all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix"]
 
-#: Largest in-chunk log-decay range the factorised form accepts (each factor stays within e^±30).
-LOG_RANGE_LIMIT = 60.0
 
 
 def _check(
