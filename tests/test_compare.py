@@ -63,6 +63,12 @@ def test_cli_reports_bad_config_key(capsys, tmp_path: Path) -> None:
     assert cli.main(["--config", "tiny", "--out", str(tmp_path), "speed.warmupp=2"]) == 2
     err = capsys.readouterr().err
     assert "speed.warmupp" in err and "speed.warmup" in err
+    # a typo in the training budget fails before any measurement, naming the recipe's key
+    assert cli.main(["--config", "tiny", "--out", str(tmp_path / "o"), "accuracy.overrides={schedule.epochz: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert "schedule.epochz" in err and "schedule.epochs" in err
+    assert cli.main(["--config", "tiny", "--out", str(tmp_path / "o"), "accuracy.recipe=no_such_recipe"]) == 2
+    assert "accuracy.recipe" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -19,7 +19,7 @@ import torch
 from .config import CompareConfig, ModelSource, ModelSpec, Task
 from .models import build_model, resolve_source, size_kwargs
 
-__all__ = ["AccuracyResult", "PRIMARY_METRIC", "metric_title", "run_accuracy"]
+__all__ = ["AccuracyResult", "PRIMARY_METRIC", "metric_title", "check_recipe", "run_accuracy"]
 
 # The headline metric per task: the accuracy axis of the plot and the first accuracy column.
 PRIMARY_METRIC: dict[Task, str] = {Task.CLASSIFICATION: "top1", Task.SEGMENTATION: "dice"}
@@ -86,21 +86,57 @@ def _fresh_dir(run_dir: Path) -> Path:
     return run_dir
 
 
-def _classification(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[str, float]:
-    """Train with :func:`tasks.classification.train.train`; the final epoch's validation metrics.
-
-    The final epoch (not the best one) is reported: choosing the best epoch on the validation split would
-    give models with noisier curves an edge at equal budget.
-    """
+def _classification_recipe(cfg: CompareConfig):
+    """The shared classification recipe with the budget and data folder applied (no model swapped in yet)."""
     from tasks.classification.config import ClassificationConfig, resolve_config_path
-    from tasks.classification.train import DEFAULT_CONFIG, train
+    from tasks.classification.train import DEFAULT_CONFIG
     from tasks.common.config import load_config
 
     acc = cfg.accuracy
     overrides = _recipe_overrides(cfg)
     if acc.data:
         overrides += [f"data.root={json.dumps(acc.data)}", "data.builtin=none"]
-    recipe = load_config(ClassificationConfig, resolve_config_path(acc.recipe or DEFAULT_CONFIG), overrides)
+    return load_config(ClassificationConfig, resolve_config_path(acc.recipe or DEFAULT_CONFIG), overrides)
+
+
+def _segmentation_recipe(cfg: CompareConfig):
+    """The shared segmentation recipe with the budget and data folder applied."""
+    from tasks.common.config import load_config
+    from tasks.segmentation.config import DEFAULT_CONFIG, SegmentationConfig, resolve_config_path
+
+    acc = cfg.accuracy
+    overrides = _recipe_overrides(cfg)
+    if acc.data:
+        overrides += [f"data.root={json.dumps(acc.data)}", "data.builtin=none"]
+    return load_config(SegmentationConfig, resolve_config_path(acc.recipe or DEFAULT_CONFIG), overrides)
+
+
+def check_recipe(cfg: CompareConfig) -> None:
+    """Load the shared recipe with the budget overrides before anything runs, so a misspelt recipe name or
+    override key fails at once rather than after the speed measurements.
+
+    Raises:
+        ValueError: the recipe, an override key or a value is wrong (named in the message).
+    """
+    try:
+        recipe = (_classification_recipe if cfg.task is Task.CLASSIFICATION else _segmentation_recipe)(cfg)
+    except FileNotFoundError as err:
+        raise ValueError(f"accuracy.recipe: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"accuracy (recipe {cfg.accuracy.recipe or 'default'}): {err}") from None
+    recipe.check()
+
+
+def _classification(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[str, float]:
+    """Train with :func:`tasks.classification.train.train`; the final epoch's validation metrics.
+
+    The final epoch (not the best one) is reported: choosing the best epoch on the validation split would
+    give models with noisier curves an edge at equal budget.
+    """
+    from tasks.classification.train import train
+
+    acc = cfg.accuracy
+    recipe = _classification_recipe(cfg)
     recipe.model.name = spec.name
     recipe.model.kwargs = {**spec.kwargs,
                            **size_kwargs(spec, Task.CLASSIFICATION, recipe.data.img_size)}
@@ -126,15 +162,10 @@ def _segmentation(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[st
     import dataclasses
     import inspect
 
-    from tasks.common.config import load_config
     from tasks.segmentation import train as seg_train
-    from tasks.segmentation.config import DEFAULT_CONFIG, SegmentationConfig, resolve_config_path
 
     acc = cfg.accuracy
-    overrides = _recipe_overrides(cfg)
-    if acc.data:
-        overrides += [f"data.root={json.dumps(acc.data)}", "data.builtin=none"]
-    recipe = load_config(SegmentationConfig, resolve_config_path(acc.recipe or DEFAULT_CONFIG), overrides)
+    recipe = _segmentation_recipe(cfg)
     recipe.train.output_dir = str(_fresh_dir(run_dir))
     recipe.train.seed = acc.seed
     recipe.train.progress = False

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .accuracy import AccuracyResult, run_accuracy
+from .accuracy import AccuracyResult, check_recipe, run_accuracy
 from .config import CompareConfig
 from .growth import growth_exponent, token_count
 from .models import check_models, count_parameters_without_weights
@@ -146,12 +146,15 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> 
     """Run the whole comparison described by ``cfg`` and write its report into ``cfg.output``.
 
     Raises:
-        ValueError: a model name its source does not know (checked before anything is measured).
+        ValueError: a model name its source does not know, or a bad training recipe / budget override
+            (both checked before anything is measured).
     """
     from .report import write_report
 
     start = time.perf_counter()
     check_models(cfg.models, cfg.task)
+    if cfg.accuracy.enabled:
+        check_recipe(cfg)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = measure_speed(cfg, progress) if cfg.speed.enabled else []
