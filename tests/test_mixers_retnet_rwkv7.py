@@ -123,6 +123,40 @@ def test_vmamba_t_parameter_budget(name: str) -> None:
     assert abs(count / 30_249_064 - 1) <= 0.10, count
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_vmamba_fits_a_batch(kind: str) -> None:
+    """The mixer trains inside a model: a tiny VMamba memorises 8 random images within 6 AdamW steps."""
+    timm = pytest.importorskip("timm")
+    import vmamba  # noqa: F401
+
+    model = timm.create_model("vmamba_t", depths=(1, 1, 1, 1), dims=16, num_classes=4, mixer=kind)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_flop_counter_sees_the_chunked_ops() -> None:
+    """FlopCounterMode counts the chunked forms' matmuls (plain PyTorch ops, no custom op): linear in T."""
+    from vmamba.ops.flops import count_flops
+
+    def flops(length: int) -> tuple[int, int]:
+        q, k, v = torch.randn(3, 1, length, 2, 8).unbind(0)
+        w = -torch.rand(1, length, 2, 8)
+        kk = torch.nn.functional.normalize(torch.randn(1, length, 2, 8), dim=-1)
+        return count_flops(lambda: retention(q, k, v)), count_flops(lambda: rwkv7(q, w, k, v, -kk, kk * 0.5))
+
+    short, long = flops(256), flops(512)
+    for a, b in zip(short, long):
+        assert a > 0 and b == 2 * a
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="num_heads"):
         RetNetMixer(30, 4, num_heads=4)
