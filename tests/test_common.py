@@ -15,7 +15,8 @@ from tasks.common.checkpoint import atomic_write, load_state, load_weights, read
 from tasks.common.config import ConfigError, apply_overrides, config_to_dict, describe_config, load_config, \
     parse_value, save_config
 from tasks.common.csv_log import CsvLog
-from tasks.common.distributed import DistContext, all_gather_objects, all_reduce_sum, init_distributed
+from tasks.common.distributed import DistContext, all_gather_objects, all_reduce_sum, distributed_job, \
+    init_distributed
 from tasks.common.plots import plot_curves
 from tasks.common.precision import Precision, autocast, check_precision, grad_scaler
 from tasks.common.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -161,6 +162,12 @@ def test_single_process_distributed_helpers_are_no_ops(monkeypatch: pytest.Monke
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda"):
             init_distributed("cuda")
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"):
+        with distributed_job("cpu", threads=1) as job:
+            assert job.is_main and torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before  # restored even on error
 
 
 def test_precision_rules() -> None:

@@ -40,8 +40,8 @@ from tasks.classification.optim import build_optimizer, build_scheduler
 from tasks.classification.validate import USER_ERRORS, EvalResult, evaluate, shard_size
 from tasks.common.config import ConfigError, describe_config, load_config, save_config
 from tasks.common.csv_log import CsvLog
-from tasks.common.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, close_distributed,
-                                     env_rank, init_distributed)
+from tasks.common.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, distributed_job,
+                                     env_rank)
 from tasks.common.plots import plot_curves
 from tasks.common.precision import Precision, autocast, check_precision, grad_scaler
 from tasks.common.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -282,10 +282,7 @@ def train(cfg: ClassificationConfig, resume: str | Path | bool | None = None,
     """
     cfg.check()
     started = time.perf_counter()
-    ctx = init_distributed(cfg.train.device)
-    try:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+    with distributed_job(cfg.train.device, cfg.train.threads) as ctx:
         files = RunFiles(Path(cfg.train.output_dir))
         resume_path = files.state if resume is True else (Path(resume) if resume else None)
         run = _build(cfg, ctx, resume_path)
@@ -309,8 +306,6 @@ def train(cfg: ClassificationConfig, resume: str | Path | bool | None = None,
             print(f"{files.root}: all {run.total_epochs} epochs already done")
         return TrainSummary(output_dir=files.root, epochs_done=run.epoch, total_epochs=run.total_epochs, last=row,
                             best=run.best, seconds=time.perf_counter() - started)
-    finally:
-        close_distributed(ctx)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from tasks.classification.config import ClassificationConfig, resolve_config_pat
 from tasks.classification.data import ImageFolderError, PreprocessConfig, build_dataset, build_loader
 from tasks.classification.model import UnknownModelError, build_model, checkpoint_info
 from tasks.common.config import ConfigError, describe_config, load_config
-from tasks.common.distributed import DistContext, all_reduce_sum, close_distributed, env_rank, init_distributed
+from tasks.common.distributed import DistContext, all_reduce_sum, distributed_job, env_rank
 from tasks.common.precision import Precision, autocast
 
 __all__ = ["EvalResult", "evaluate", "validate", "run", "main", "USER_ERRORS"]
@@ -95,10 +95,7 @@ def evaluate(model: torch.nn.Module, loader: torch.utils.data.DataLoader, ctx: D
 
 def validate(cfg: ClassificationConfig, checkpoint: str | Path, split: str | None = None) -> EvalResult:
     """Load ``checkpoint`` into ``cfg.model`` and score it on ``cfg.data.root/split`` (default: val split)."""
-    ctx = init_distributed(cfg.train.device)
-    try:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+    with distributed_job(cfg.train.device, cfg.train.threads) as ctx:
         info = checkpoint_info(checkpoint)
         split = split or cfg.data.val_split
         class_names = info.get("class_names")
@@ -113,8 +110,6 @@ def validate(cfg: ClassificationConfig, checkpoint: str | Path, split: str | Non
                               pin_memory=cfg.data.pin_memory)
         return evaluate(model, loader, ctx, cfg.train.precision, num_images=shard_size(len(dataset), ctx),
                         progress=cfg.train.progress)
-    finally:
-        close_distributed(ctx)
 
 
 def build_parser() -> argparse.ArgumentParser:

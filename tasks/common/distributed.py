@@ -13,15 +13,18 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DevicePreference", "DistContext", "env_rank", "init_distributed", "close_distributed", "all_reduce_sum",
+__all__ = ["DevicePreference", "DistContext", "env_rank", "init_distributed", "close_distributed", "distributed_job",
+           "all_reduce_sum",
            "all_gather_objects", "barrier", "resolve_device"]
 
 
@@ -87,6 +90,22 @@ def close_distributed(ctx: DistContext) -> None:
     """Leave the process group (safe to call when none was joined)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_job(preference: DevicePreference | str = DevicePreference.AUTO,
+                    threads: int | None = None) -> Iterator[DistContext]:
+    """``with distributed_job("auto", threads=1) as ctx:`` — join the process group (if launched by torchrun),
+    optionally set torch's intra-op thread count, and undo both on exit (also on error)."""
+    previous_threads = torch.get_num_threads()
+    ctx = init_distributed(preference)
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        yield ctx
+    finally:
+        torch.set_num_threads(previous_threads)
+        close_distributed(ctx)
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
