@@ -60,6 +60,14 @@ def test_parameters_are_per_direction(kind: str) -> None:
     assert moved[1] > 0 and moved[[0, 2, 3]].max() == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(kind: str) -> None:
+    mixer = create_mixer(kind, 8, 2, num_heads=2, head_k_dim=2).double()
+    perturb_params(mixer)
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(mixer, (x,))
+
+
 def test_retnet_mixing_matrix_reproduces_retention() -> None:
     mixer = RetNetMixer(12, 2, num_heads=1, head_k_dim=4, gate_rank=0).double()
     perturb_params(mixer)

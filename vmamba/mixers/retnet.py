@@ -142,7 +142,8 @@ class RetNetMixer(SequenceMixer):
         q, kk = self._qk(x)
         v = x.reshape(batch * k, length, self.num_heads, c // self.num_heads)
         o, _ = retention(q, kk, v, chunk_size=self.chunk_size)
-        o = F.layer_norm(o.float(), o.shape[-1:], eps=self.norm_eps)  # group norm: one group per head
+        # group norm (one group per head) in at least float32, also under bf16 autocast
+        o = F.layer_norm(o.to(torch.promote_types(o.dtype, torch.float32)), o.shape[-1:], eps=self.norm_eps)
         o = o.reshape(batch, k, length, c).to(x.dtype)
         o = o * self.norm_weight[:, None, :].to(x.dtype) + self.norm_bias[:, None, :].to(x.dtype)
         if self.g_proj_down is not None:
