@@ -32,6 +32,7 @@ inputs recomputed on the fly (only the inputs are saved, so memory does not grow
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,10 @@ __all__ = [
 # Elements (tokens x channels x states) of one slab: the chunked form works on slabs of (batch, channels) so
 # that its (Q, T, b, G, Dg, N) work buffers stay cache-sized and are served by the allocator without fresh
 # page faults (on CPU a fresh 38 MB tensor costs more page faulting than the arithmetic done on it).
-SLAB_ELEMENTS = 1 << 20
-_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); torch's exp2 is ~3x faster than exp on CPU
+SLAB_ELEMENTS = 1 << 22
+_LOG2E = 1.4426950408889634
+# softplus(x) == x beyond this (the threshold of F.softplus and of mamba-ssm's kernels).
+_SOFTPLUS_THRESHOLD = 20.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,6 +329,34 @@ def default_chunk_size(length: int) -> int:
     return -(-length // chunks)
 
 
+class _Workspace:
+    """Named scratch buffers for a slab's temporaries, kept per thread and reused across slabs and calls.
+
+    On CPU a fresh multi-megabyte tensor costs more in page faults than the arithmetic done on it (the
+    allocator hands such blocks back to the OS when they are freed), so the chunked form writes its
+    temporaries into these (``out=``) instead. Memory held: a few buffers of at most a slab each
+    (:data:`SLAB_ELEMENTS` elements, or one channel's ``L * N`` if larger). Other devices allocate normally
+    (their caching allocators already reuse memory). Buffers never leave the op.
+    """
+
+    _local = threading.local()
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.reuse = device.type == "cpu"
+
+    def get(self, name: str, *shape: int) -> Tensor:
+        if not self.reuse:
+            return torch.empty(shape, dtype=self.dtype, device=self.device)
+        pool = self._local.__dict__.setdefault("pool", {})
+        numel = math.prod(shape)
+        buf = pool.get((name, self.dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            pool[(name, self.dtype)] = buf
+        return buf[:numel].view(shape)
+
+
 @dataclass(frozen=True)
 class _ChunkGrid:
     """``L`` tokens as ``T`` chunks of ``Q``, and the two layouts of a ``(b, X, L)`` tensor.
@@ -356,14 +387,12 @@ class _ChunkGrid:
         """Position-major view ``(Q, b, X, T)`` of a natural ``(b, X, T * Q)`` tensor."""
         return x.unflatten(-1, (self.count, self.size)).permute(3, 0, 1, 2)
 
-    def to_pm(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``(b, X, L)`` -> contiguous position-major ``(Q, b, X, T)`` in ``dtype``, zeros past the end."""
-        out = x.new_empty(self.size, *x.shape[:-1], self.count, dtype=dtype)
+    def to_pm(self, x: Tensor, out: Tensor) -> Tensor:
+        """``x: (b, X, L)`` -> ``out``: position-major ``(Q, b, X, T)``, zeros past the end."""
         return out.copy_(self.pm(self.natural(x)))
 
-    def to_natural(self, y: Tensor) -> Tensor:
-        """Position-major ``(Q, b, X, T)`` -> ``(b, X, L)`` (the padding dropped)."""
-        out = y.new_empty(*y.shape[1:-1], self.padded)
+    def to_natural(self, y: Tensor, out: Tensor) -> Tensor:
+        """Position-major ``y: (Q, b, X, T)`` -> ``(b, X, L)`` (a view of ``out: (b, X, T * Q)``)."""
         self.pm(out).copy_(y)
         return out[..., : self.length]
 
@@ -441,23 +470,31 @@ def _scan_chunks_reverse_(a: Tensor, c: Tensor, grad_end: Tensor | None, totals:
         arriving = as_[q]
 
 
-# Contractions over the state axis N or the channel axis Dg of position-major (Q, b, G, Dg, N, T) tensors.
-# A loop over the N states of elementwise ops beats batched matmuls of (Dg, N) x (N, 1) here, and makes no
+# Work tensors of a slab are position-major with the state axis outside the channel axis: (Q, b, G, N, Dg, T).
+# Then "state n" is a contiguous (Dg, T) block per position, and the contractions over N below are loops of
+# elementwise ops on large contiguous blocks, which beat batched (Dg, N) x (N, 1) matmuls and make no
 # full-size temporaries.
 
 
-def _sum_over_state(x: Tensor, v: Tensor) -> Tensor:
-    """``sum_n x[..., g, d, n, t] * v[..., g, n, t]`` -> ``(..., G, Dg, T)``; ``v`` may be ``(G, Dg, N, 1)``-like."""
-    v = v.unsqueeze(-3) if v.dim() == x.dim() - 1 else v
-    out = x[..., 0, :] * v[..., 0, :]
-    for n in range(1, x.shape[-2]):
-        out.addcmul_(x[..., n, :], v[..., n, :])
+def _sum_over_state(x: Tensor, v: Tensor, out: Tensor) -> Tensor:
+    """``out <- sum_n x[..., n, d, t] * v[..., n, d, t]`` over the state axis (-3), kept as a singleton.
+
+    ``x: (..., N, Dg, T)``; ``v`` broadcasts against it (for example ``(..., N, 1, T)`` or ``(G, N, Dg, 1)``).
+    """
+    torch.mul(x[..., 0:1, :, :], v[..., 0:1, :, :], out=out)
+    for i in range(1, x.shape[-3]):
+        out.addcmul_(x[..., i : i + 1, :, :], v[..., i : i + 1, :, :])
     return out
 
 
-def _sum_over_channels(w: Tensor, x: Tensor) -> Tensor:
-    """``sum_d w[..., g, d, t] * x[..., g, d, n, t]`` -> ``(..., G, N, T)``."""
-    return torch.stack([(w * x[..., n, :]).sum(-2) for n in range(x.shape[-2])], dim=-2)
+def _sum_over_channels(w: Tensor, x: Tensor, scratch: Tensor) -> Tensor:
+    """``sum_d w[..., 0, d, t] * x[..., n, d, t]`` -> ``(..., N, T)``; ``w: (..., 1, Dg, T)``.
+
+    ``scratch`` holds one ``(..., Dg, T)`` product at a time.
+    """
+    return torch.stack(
+        [torch.mul(w[..., 0, :, :], x[..., i, :, :], out=scratch).sum(-2) for i in range(x.shape[-3])], dim=-2
+    )
 
 
 @dataclass(frozen=True)
@@ -495,16 +532,27 @@ def _slabs(batch: int, dim: int, groups: int, tokens: int) -> list[_Slab]:
     return out
 
 
+def _state_to_bdn(s: Tensor) -> Tensor:
+    """``(b, G, N, Dg)`` -> ``(b, D, N)``."""
+    return s.transpose(2, 3).flatten(1, 2)
+
+
+def _bdn_to_state(s: Tensor, groups: int) -> Tensor:
+    """``(b, D, N)`` -> ``(b, G, N, Dg)`` (a view)."""
+    return s.unflatten(1, (groups, -1)).transpose(2, 3)
+
+
 @dataclass
 class _Chunked:
     """One slab, chunked and scanned: what both the forward and the backward need.
 
-    Position-major shapes: ``dt, dtu: (Q, b, G, Dg, T)``; ``Bc, Cc: (Q, b, G, N, T)``;
-    ``a, h: (Q, b, G, Dg, N, T)``; ``entering, totals: (T, b, G, Dg, N)``; ``A: (G, Dg, N)``;
-    ``dt_grad``: d dt / d (delta + bias) (zero on padding), or None.
+    Position-major shapes: ``a, h: (Q, b, G, N, Dg, T)``; ``dt, dtu: (Q, b, G, 1, Dg, T)``;
+    ``Bc, Cc: (Q, b, G, N, 1, T)``; ``A: (G, N, Dg, 1)``; ``entering, totals: (T, b, G, N, Dg)``;
+    ``dt_grad``: d dt / d (delta + bias) like ``dt`` (zero on padding), or None.
     """
 
     grid: _ChunkGrid
+    ws: _Workspace
     dt: Tensor
     dt_grad: Tensor | None
     dtu: Tensor
@@ -515,6 +563,37 @@ class _Chunked:
     h: Tensor
     entering: Tensor
     totals: Tensor
+
+    def state_last(self) -> Tensor:
+        """The state after the last token, ``(b, D, N)``; padded tokens carry it unchanged."""
+        return _state_to_bdn(self.h[-1, ..., -1])
+
+    def pm(self, x: Tensor) -> Tensor:
+        """A ``(b, D, L)`` slab tensor as a position-major ``(Q, b, G, 1, Dg, T)`` view (no copy)."""
+        return self.grid.pm(self.grid.natural(x)).view(self.dt.shape)
+
+    def natural(self, y: Tensor, name: str) -> Tensor:
+        """Position-major ``y: (Q, b, ..., T)`` -> natural ``(b, X, L)`` in the workspace buffer ``name``."""
+        y = y.flatten(2, -2)
+        return self.grid.to_natural(y, self.ws.get(name, y.shape[1], y.shape[2], self.grid.padded))
+
+    def ssm_output(self, target: Tensor | None = None, accumulate: bool = False) -> Tensor:
+        """``y_t = <C_t, h_t>`` in the natural layout ``(b, D, L)``, before the D skip and the gate.
+
+        Written into (or with ``accumulate``, added to) ``target: (b, D, T * Q)`` when given (it must have
+        the compute dtype), else into a workspace buffer. Returns the ``(b, D, L)`` view.
+        """
+        q, batch, groups, n, per_group, t = self.h.shape
+        out = self.ws.get("y", batch, groups * per_group, self.grid.padded) if target is None else target
+        out_pm = self.grid.pm(out).view(self.dt.shape)  # the transposition rides on the last op
+        if n == 1 and accumulate:
+            out_pm.addcmul_(self.h, self.Cc)
+        elif n == 1:
+            torch.mul(self.h, self.Cc, out=out_pm)
+        else:
+            y = _sum_over_state(self.h, self.Cc, self.ws.get("y_pm", *self.dt.shape))
+            out_pm.add_(y) if accumulate else out_pm.copy_(y)
+        return out[..., : self.grid.length]
 
 
 def _scan_slab(
@@ -527,20 +606,23 @@ def _scan_slab(
     delta_softplus: bool,
     initial_state: Tensor | None,
     chunk_size: int,
-    acc: torch.dtype,
+    ws: _Workspace,
     need_dt_grad: bool,
 ) -> _Chunked:
-    """Chunk one slab and run the forward recurrence (``h`` for every token).
+    """Chunk one slab and run the forward recurrence (``h`` for every token), in ``ws``'s dtype.
 
     ``u, delta: (b, D, L)``; ``A: (D, N)``; ``B, C: (b, G, N, L)`` with ``G`` dividing ``D``.
     """
     batch, dim, length = u.shape
     groups, n = B.shape[1], A.shape[1]
-    per_group = dim // groups
+    per_group, acc = dim // groups, ws.dtype
     grid = _ChunkGrid(length, chunk_size)
     q, t = grid.size, grid.count
-    pm = lambda x: grid.pm(grid.natural(x))  # noqa: E731
-    dt = u.new_empty(q, batch, dim, t, dtype=acc)
+
+    def pm(x: Tensor) -> Tensor:
+        return grid.pm(grid.natural(x))
+
+    dt = ws.get("dt", q, batch, dim, t)
     if delta_bias is not None:  # the transposition rides on an op that is needed anyway
         torch.add(pm(delta), delta_bias.to(acc)[:, None], out=dt)
     else:
@@ -548,26 +630,29 @@ def _scan_slab(
     dt_grad = None
     if delta_softplus:
         if need_dt_grad:
-            dt_grad = torch.sigmoid(dt)
-        dt = F.softplus(dt)
+            dt_grad = torch.sigmoid(dt, out=ws.get("dt_grad", *dt.shape))
+        torch.ops.aten.softplus.out(dt, 1, _SOFTPLUS_THRESHOLD, out=dt)
     elif need_dt_grad:
-        dt_grad = torch.ones_like(dt)
+        dt_grad = ws.get("dt_grad", *dt.shape).fill_(1)
     grid.zero_padding_(dt)  # padded tokens: no decay, no input, so the last state passes through them
     if dt_grad is not None:
         grid.zero_padding_(dt_grad)
-    dtu = torch.mul(dt, pm(u))
-    dims = (q, batch, groups, per_group, 1, t)
-    Bc = grid.to_pm(B.flatten(1, 2), acc).unflatten(2, (groups, n))  # (Q, b, G, N, T)
-    Cc = grid.to_pm(C.flatten(1, 2), acc).unflatten(2, (groups, n))
-    A = A.to(acc).view(groups, per_group, n)
-    A2 = (A * _LOG2E)[..., None]  # exp(x A) = exp2(x A log2 e)
-    a = torch.mul(dt.view(dims), A2).exp2_()
-    h = torch.mul(dtu.view(dims), Bc.unsqueeze(3))
-    totals = torch.mul(dt.sum(0).view(dims[1:]), A2).exp2_().movedim(-1, 0).contiguous()
-    h0 = None if initial_state is None else initial_state.to(acc).view(batch, groups, per_group, n)
+    dtu = torch.mul(dt, pm(u), out=ws.get("dtu", *dt.shape))
+    channel_dims = (q, batch, groups, 1, per_group, t)
+    dt, dtu = dt.view(channel_dims), dtu.view(channel_dims)
+    dt_grad = None if dt_grad is None else dt_grad.view(channel_dims)
+    Bc = grid.to_pm(B.flatten(1, 2), ws.get("B", q, batch, groups * n, t)).view(q, batch, groups, n, 1, t)
+    Cc = grid.to_pm(C.flatten(1, 2), ws.get("C", q, batch, groups * n, t)).view(q, batch, groups, n, 1, t)
+    # (G, N, Dg, 1), contiguous: a transposed view here would make the broadcasts below pick its odd layout
+    A = A.to(acc).view(groups, per_group, n).transpose(1, 2).contiguous()[..., None]
+    A2 = A * _LOG2E  # exp(x A) = exp2(x A log2 e), and exp2 is several times faster than exp on CPU
+    state_dims = (q, batch, groups, n, per_group, t)
+    a = torch.mul(dt, A2, out=ws.get("a", *state_dims)).exp2_()
+    h = torch.mul(dtu, Bc, out=ws.get("h", *state_dims))
+    totals = torch.mul(dt.sum(0), A2).exp2_().movedim(-1, 0).contiguous()  # (T, b, G, N, Dg)
+    h0 = None if initial_state is None else _bdn_to_state(initial_state.to(acc), groups)
     entering = _scan_chunks_(a, h, h0, totals)
-    dt_grad = None if dt_grad is None else dt_grad.view(dims[:-2] + (t,))
-    return _Chunked(grid, dt.view(dims[:-2] + (t,)), dt_grad, dtu.view(dims[:-2] + (t,)), A, Bc, Cc, a, h, entering, totals)
+    return _Chunked(grid, ws, dt, dt_grad, dtu, A, Bc, Cc, a, h, entering, totals)
 
 
 def _slab_inputs(slab: _Slab, u, delta, A, B, C, delta_bias, initial_state):
@@ -587,18 +672,6 @@ def _chunk_size(length: int, chunk_size: int) -> int:
     return min(chunk_size, length) if chunk_size > 0 else default_chunk_size(length)
 
 
-def _ssm_output(ch: _Chunked) -> Tensor:
-    """``y_t = <C_t, h_t>`` in the natural layout ``(b, D, L)`` (before the D skip and the gate)."""
-    grid, (q, batch, groups, per_group, _, t) = ch.grid, ch.h.shape
-    out = ch.h.new_empty(batch, groups * per_group, grid.padded)
-    target = grid.pm(out).unflatten(2, (groups, per_group))  # (Q, b, G, Dg, T) view of the output
-    if ch.h.shape[-2] == 1:
-        torch.mul(ch.h[..., 0, :], ch.Cc.unsqueeze(3)[..., 0, :], out=target)
-    else:
-        target.copy_(_sum_over_state(ch.h, ch.Cc.unsqueeze(3)))
-    return out[..., : grid.length]
-
-
 def _forward_impl(
     u: Tensor,
     delta: Tensor,
@@ -614,19 +687,26 @@ def _forward_impl(
 ) -> tuple[Tensor, Tensor]:
     batch, dim, length = u.shape
     n = A.shape[1]
-    acc = _compute_dtype(u)
+    ws = _Workspace(u.device, _compute_dtype(u))
     size = _chunk_size(length, chunk_size)
     out = u.new_empty(u.shape)
-    last = u.new_empty(batch, dim, n, dtype=acc)
+    last = u.new_empty(batch, dim, n, dtype=ws.dtype)
     groups = 1 if B.dim() == 3 else B.shape[1]
     with torch.autocast(u.device.type, enabled=False):  # the op owns its precision
         for slab in _slabs(batch, dim, groups, length * n):
             bs, cs = slab.batch, slab.channels
             su, sdelta, sA, sB, sC, sbias, sh0 = _slab_inputs(slab, u, delta, A, B, C, delta_bias, initial_state)
-            ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, acc, False)
-            y = _finish(_ssm_output(ch), su, None if D is None else D[cs], None if z is None else z[bs, cs])
-            out[bs, cs] = y
-            last[bs, cs] = ch.h[-1, ..., -1].flatten(1, 2)  # padded tokens carry the state unchanged
+            ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, ws, False)
+            sD, sz = None if D is None else D[cs], None if z is None else z[bs, cs]
+            target = out[bs, cs]
+            if ch.grid.padded == length and out.dtype == ws.dtype:  # straight into the output: fewer passes
+                if sD is not None:
+                    torch.mul(su, sD.to(ws.dtype)[:, None], out=target)
+                ch.ssm_output(target, accumulate=sD is not None)
+                _finish(target, su, None, sz)
+            else:
+                target.copy_(_finish(ch.ssm_output(), su, sD, sz))
+            last[bs, cs] = ch.state_last()
     return out, last
 
 
@@ -648,7 +728,8 @@ def _backward_impl(
     """Gradients ``[u, delta, A, B, C, D, z, delta_bias, initial_state]`` (empty tensors for absent inputs)."""
     batch, dim, length = u.shape
     n = A.shape[1]
-    acc = _compute_dtype(u)
+    ws = _Workspace(u.device, _compute_dtype(u))
+    acc = ws.dtype
     size = _chunk_size(length, chunk_size)
     groups = 1 if B.dim() == 3 else B.shape[1]
 
@@ -665,41 +746,45 @@ def _backward_impl(
             bs, cs = slab.batch, slab.channels
             gs = slab.groups if groups > 1 else slice(0, 1)
             su, sdelta, sA, sB, sC, sbias, sh0 = _slab_inputs(slab, u, delta, A, B, C, delta_bias, initial_state)
-            ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, acc, True)
-            grid = ch.grid
-            u_s, g = su.to(acc), grad_out[bs, cs].to(acc)
-            if z is not None:  # out = (y_ssm + D u) * silu(z)
-                zs = z[bs, cs].to(acc)
-                sig = torch.sigmoid(zs)
-                y = _finish(_ssm_output(ch), u_s, None if D is None else D[cs], None)
-                g_z[bs, cs] = g * y * sig * (1 + zs * (1 - sig))
-                g = g * zs * sig
+            ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, ws, True)
+            shape = su.shape
+            g = grad_out[bs, cs]
+            g = g if g.dtype == acc else ws.get("g", *shape).copy_(g)
+            if z is not None:  # out = (y_ssm + D u) * silu(z); dsilu(z) = sig (1 + z (1 - sig))
+                zs = z[bs, cs]
+                zs = zs if zs.dtype == acc else ws.get("z", *shape).copy_(zs)
+                sig = torch.sigmoid(zs, out=ws.get("sig", *shape))
+                dsilu = torch.mul(sig, -1, out=ws.get("dsilu", *shape)).add_(1).mul_(zs).add_(1).mul_(sig)
+                y = _finish(ch.ssm_output(), su, None if D is None else D[cs], None)
+                g_z[bs, cs] = y.mul_(g).mul_(dsilu)
+                g = torch.mul(g, zs, out=ws.get("g_y", *shape)).mul_(sig)  # dL/dy = g * silu(z)
             if D is not None:
-                g_D[cs] += (g * u_s).sum((0, 2))
-                g_u[bs, cs] = g * D[cs].to(acc)[:, None]
+                g_D[cs] += torch.mul(g, su, out=ws.get("tmp", *shape)).sum((0, 2))
+                torch.mul(g, D[cs].to(acc)[:, None], out=g_u[bs, cs])
             else:
                 g_u[bs, cs] = 0
-            gy = grid.to_pm(g, acc).view(ch.dt.shape)  # (Q, b, G, Dg, T)
-            g_C[bs, gs] += grid.to_natural(_sum_over_channels(gy, ch.h).flatten(2, 3)).view(g_C[bs, gs].shape)
-            lam = torch.mul(gy.unsqueeze(-2), ch.Cc.unsqueeze(3))  # dL/dh_i through y_i
-            g_end = None if grad_last is None else grad_last[bs, cs].to(acc).view(ch.entering.shape[1:])
+            gy = ch.grid.to_pm(g, ws.get("gy", *ch.grid.pm(ch.grid.natural(g)).shape)).view(ch.dt.shape)
+            scratch = ws.get("tmp", *ch.dt.shape)
+            g_C[bs, gs] += ch.natural(_sum_over_channels(gy, ch.h, scratch[..., 0, :, :]), "nat").unflatten(1, (-1, n))
+            lam = torch.mul(gy, ch.Cc, out=ws.get("lam", *ch.h.shape))  # dL/dh_i through y_i
+            g_end = None if grad_last is None else _bdn_to_state(grad_last[bs, cs].to(acc), ch.a.shape[2])
             _scan_chunks_reverse_(ch.a, lam, g_end, ch.totals)  # lam <- dL/dh_i, a <- dL/dh_{i-1} via step i
             a_lam = ch.a
-            g_h0[bs, cs] = a_lam[0, ..., 0].flatten(1, 2)
+            g_h0[bs, cs] = _state_to_bdn(a_lam[0, ..., 0])
             # dL/d(dt_i A) = a_i lambda_i h_{i-1}; h_{i-1} is h one token back: the entering state at q = 0
             a_lam[1:].mul_(ch.h[:-1])
             a_lam[0].mul_(ch.entering.movedim(0, -1))
+            dA = [torch.mul(a_lam[..., i, :, :], ch.dt[..., 0, :, :], out=scratch[..., 0, :, :]).sum((0, 1, 4))
+                  for i in range(n)]
+            g_A[cs] += torch.stack(dA, -1).flatten(0, 1)  # (G, Dg, N) -> (D, N)
             # h_i = a_i h_{i-1} + (dt_i u_i) B_i
-            g_dtu = _sum_over_state(lam, ch.Bc.unsqueeze(3))  # (Q, b, G, Dg, T)
-            g_B[bs, gs] += grid.to_natural(_sum_over_channels(ch.dtu, lam).flatten(2, 3)).view(g_B[bs, gs].shape)
-            for i in range(n):
-                g_A[cs, i] += (a_lam[..., i, :] * ch.dt).sum((0, 1, 4)).flatten()
-            u_pm = grid.pm(grid.natural(u_s)).unflatten(2, ch.dt.shape[2:4])
-            g_dt = torch.addcmul(_sum_over_state(a_lam, ch.A[..., None]), g_dtu, u_pm)
-            g_u[bs, cs] += grid.to_natural((g_dtu * ch.dt).flatten(2, 3))
-            g_pre = g_dt.mul_(ch.dt_grad).flatten(2, 3)  # (Q, b, D, T); zero on padding through dt_grad
-            g_bias[cs] += g_pre.sum((0, 1, 3))
-            g_delta[bs, cs] = grid.to_natural(g_pre)
+            g_dtu = _sum_over_state(lam, ch.Bc, ws.get("g_dtu", *ch.dt.shape))  # (Q, b, G, 1, Dg, T)
+            g_B[bs, gs] += ch.natural(_sum_over_channels(ch.dtu, lam, scratch[..., 0, :, :]), "nat").unflatten(1, (-1, n))
+            g_dt = _sum_over_state(a_lam, ch.A, ws.get("g_dt", *ch.dt.shape)).addcmul_(g_dtu, ch.pm(su))
+            g_u[bs, cs] += ch.natural(g_dtu.mul_(ch.dt), "nat")
+            g_pre = g_dt.mul_(ch.dt_grad)  # zero on padding through dt_grad
+            g_bias[cs] += g_pre.sum((0, 1, 5)).flatten()
+            g_delta[bs, cs] = ch.natural(g_pre, "nat")
 
     def empty() -> Tensor:  # a fresh one per slot: a custom op's outputs must not alias each other
         return u.new_empty(0)
