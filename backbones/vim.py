@@ -40,11 +40,13 @@ model-wide bias reset).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -52,13 +54,18 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vmamba.cross_scan import ScanPattern
+from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
+from vmamba.ops.fused import fused_multi_scan, use_fused
 from vmamba.ssm_layer import ConvPlacement, MultiDirectionSSM
 
 __all__ = ["Vim", "VimBlock", "VimPatchEmbed", "resample_pos_embed", "checkpoint_filter_fn"]
 
 _SCANS = (ScanPattern.BI1D, ScanPattern.CROSS2D)
+# Rows per fused-scan call: about this many elements per (B, rows, d_inner) temporary (long sequences run in
+# chunks with the state carried across, so memory does not grow with the chunk count).
+_CHUNK_ELEMENTS = 1 << 19
+_MIN_CHUNK_ROWS = 64
 _GLOBAL_POOLS = ("token", "avg", "")
 
 
@@ -177,7 +184,18 @@ class VimBlock(nn.Module):
         return x + self.drop_path(self.mix(h, grid_size, cls_index))
 
     def mix(self, h: Tensor, grid_size: tuple[int, int], cls_index: int | None) -> Tensor:
-        """``h: (B, N, C) -> (B, N, C)``: the mixer over the tokens, class token as in the module docstring."""
+        """``h: (B, N, C) -> (B, N, C)``: the mixer over the tokens, class token as in the module docstring.
+
+        With a Mamba mixer and the fused kernels available this runs :meth:`mix_fused`; otherwise (and as the
+        reference it is tested against) :meth:`mix_reference`.
+        """
+        # The kernels compute in float32: float64 (e.g. gradcheck) stays on the reference path.
+        if isinstance(self.op.mixer, MambaMixer) and h.dtype != torch.float64 and use_fused(h):
+            return self.mix_fused(h, grid_size, cls_index)
+        return self.mix_reference(h, grid_size, cls_index)
+
+    def mix_reference(self, h: Tensor, grid_size: tuple[int, int], cls_index: int | None) -> Tensor:
+        """The mixer through :class:`vmamba.MultiDirectionSSM` (cross-scan copies, any mixer)."""
         if self.op.pattern is ScanPattern.BI1D:
             # With the class token in the middle, the token sequence is exactly the 1-D sequence Vim scans.
             return self.op(h)
@@ -188,6 +206,114 @@ class VimBlock(nn.Module):
         y, y_cls = self.op(grid, tokens=h[:, cls_index : cls_index + 1])
         y = y.flatten(1, 2)
         return torch.cat([y[:, :cls_index], y_cls, y[:, cls_index:]], dim=1)
+
+    def mix_fused(self, h: Tensor, grid_size: tuple[int, int], cls_index: int | None) -> Tensor:
+        """The same numbers as :meth:`mix_reference` (Mamba mixer only) in the stream's own row order.
+
+        Each direction is scanned in place by :func:`vmamba.ops.fused.fused_multi_scan` (no direction copies
+        for the row-major pair; one gather for the column-major pair of ``cross2d``) in chunks of rows, the
+        state carried from chunk to chunk, and accumulated into one ``(B, N, d_inner)`` output. Only a chunk's
+        conv / x_proj / dt_proj results exist at a time, so peak memory stays near a few ``(B, N, d_inner)``
+        tensors at any resolution. A reversed direction's causal conv is the anti-causal conv (kernel
+        flipped) in its forward twin's order.
+        """
+        op, mixer = self.op, self.op.mixer
+        batch, n, _ = h.shape
+        k, e = op.pattern.num_directions, op.d_inner
+        half = k // 2
+        orders = direction_orders(op.pattern, grid_size, cls_index, n).to(h.device)  # (K/2, N)
+        w_x, w_z = op.in_proj.weight.split(e)
+        b_x, b_z = op.in_proj.bias.split(e) if op.in_proj.bias is not None else (None, None)
+        x = F.linear(h, w_x, b_x)  # (B, N, E); z is computed after the scans to keep memory low
+        a = -torch.exp(mixer.A_logs.float()).view(k, e, -1).transpose(1, 2)  # (K, S, E)
+        rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, batch * e))
+        y = x.new_zeros(batch, n, e, dtype=torch.float32)
+        for axis in range(half):
+            order = orders[axis]
+            identity = bool(torch.equal(order, torch.arange(n, device=order.device)))
+            seq = x if identity else x[:, order]  # (B, N, E) in this direction's order
+            for kk in (axis, axis + half):
+                self._scan_direction(seq, kk, kk >= half, a, rows, y, None if identity else order)
+        del x
+        z = F.linear(h, w_z, b_z)
+        # (y / K) * silu(z), in place when no gradient is needed; 1/K is a power of two, so scaling last is exact.
+        if torch.is_grad_enabled():
+            y = y * F.silu(z) * (1.0 / k)
+        else:
+            y = y.mul_(F.silu(z, inplace=True)).mul_(1.0 / k)
+        return op.dropout(op.out_proj(y.to(op.out_proj.weight.dtype)))
+
+    def _scan_direction(
+        self, seq: Tensor, kk: int, reverse: bool, a: Tensor, rows: int, y: Tensor, order: Tensor | None
+    ) -> None:
+        """Scan direction ``kk`` over ``seq (B, N, E)`` (its forward twin's order; backwards if ``reverse``),
+        adding ``<C, h> + D u`` into ``y (B, N, E)`` at the stream rows ``order`` (identity if ``None``)."""
+        op, mixer = self.op, self.op.mixer
+        batch, n, e = seq.shape
+        width = op.conv.kernel_size[0]
+        conv_w = op.conv.weight.view(-1, e, width)[kk]  # (E, w)
+        conv_b = op.conv.bias.view(-1, e)[kk]
+        if reverse:
+            conv_w = conv_w.flip(-1)  # causal in reversed order == anti-causal, flipped, in forward order
+        rank, d_state = mixer.dt_rank, mixer.d_state
+        x_proj, dt_proj = mixer.x_proj_weight[kk], mixer.dt_projs_weight[kk]
+        dt_bias, d_skip = mixer.dt_projs_bias[kk : kk + 1].float(), mixer.Ds.view(-1, e)[kk]
+        starts = list(range(0, n, rows))
+        state = None
+        for start in reversed(starts) if reverse else starts:
+            stop = min(n, start + rows)
+            c = stop - start
+            # the conv window: w - 1 rows of history before the chunk (after it when reversed), zero-padded
+            if reverse:
+                hi = min(n, stop + width - 1)
+                window = _pad_rows(seq[:, start:hi], 0, stop + width - 1 - hi)
+            else:
+                lo = max(0, start - width + 1)
+                window = _pad_rows(seq[:, lo:stop], lo - (start - width + 1), 0)
+            u = torch.addcmul(conv_b, window[:, :c], conv_w[:, 0])
+            for j in range(1, width):
+                u = torch.addcmul(u, window[:, j : j + c], conv_w[:, j])
+            u = F.silu(u)  # (B, c, E)
+            x_dbl = F.linear(u, x_proj)  # (B, c, R + 2S)
+            dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)
+            delta = F.linear(dt, dt_proj)  # (B, c, E)
+            index = torch.arange(c, device=seq.device)
+            y_c, state = fused_multi_scan(
+                u.unsqueeze(2), delta.unsqueeze(2), a[kk : kk + 1], b_in[:, :, None, None], c_out[:, :, None, None],
+                (index.flip(0) if reverse else index).unsqueeze(0), delta_bias=dt_bias, initial_state=state,
+            )
+            y_c = torch.addcmul(y_c, u.float(), d_skip.float())
+            if order is None:
+                y[:, start:stop] += y_c
+            else:
+                y.index_add_(1, order[start:stop], y_c)
+
+
+def _pad_rows(t: Tensor, before: int, after: int) -> Tensor:
+    """Zero rows before / after axis 1 of ``(B, L, E)``."""
+    return F.pad(t, (0, 0, before, after)) if before or after else t
+
+
+@functools.lru_cache(maxsize=64)
+def _direction_orders_cpu(scan: ScanPattern, grid_size: tuple[int, int], cls_index: int | None, n: int) -> Tensor:
+    if scan is ScanPattern.BI1D:
+        return torch.arange(n).unsqueeze(0)
+    rows = scan_indices(grid_size, ScanPattern.CROSS2D)[:2]  # (2, M) patch positions, row- / column-major
+    if cls_index is None:
+        return rows
+    stream = rows + (rows >= cls_index).long()  # patch p sits at stream row p, or p + 1 past the class token
+    mid = rows.shape[1] // 2
+    cls = torch.full((2, 1), cls_index, dtype=torch.long)
+    return torch.cat([stream[:, :mid], cls, stream[:, mid:]], dim=1)
+
+
+def direction_orders(scan: ScanPattern, grid_size: tuple[int, int], cls_index: int | None, n: int) -> Tensor:
+    """Stream rows visited by each forward direction, ``(K/2, N)`` int64; the reversed ones are their flips.
+
+    ``bi1d``: the stream itself (class token included, in the middle). ``cross2d``: row-major and
+    column-major over the patch grid, the class token inserted at index ``M // 2`` of each.
+    """
+    return _direction_orders_cpu(ScanPattern.parse(scan), tuple(grid_size), cls_index, n)
 
 
 class Vim(nn.Module):

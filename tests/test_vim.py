@@ -10,10 +10,32 @@ import torch.nn.functional as F
 import timm
 from safetensors.torch import save_file
 
+import backbones.vim as vim_module
 import vmamba  # noqa: F401  registers the models
 from backbones.vim import Vim, VimBlock, checkpoint_filter_fn, resample_pos_embed
 from tests.conftest import fixture_path
 from vmamba.mixers import MambaMixer, MixerType, available_mixers
+from vmamba.ops.fused import FusedUnavailable, fused_status, set_scan_backend
+from vmamba.ops.fused.loader import load as load_fused
+
+
+def _fused_available() -> bool:
+    try:
+        load_fused()
+        return True
+    except FusedUnavailable:
+        return False
+
+
+needs_fused = pytest.mark.skipif(not _fused_available(), reason=f"fused kernels unavailable: {fused_status()}")
+BACKENDS = ["torch", pytest.param("fused", marks=needs_fused)]
+
+
+@pytest.fixture
+def backend(request):
+    set_scan_backend(request.param)
+    yield request.param
+    set_scan_backend(None)
 
 SHORT_NAMES = {
     "tiny": "vim_t",
@@ -183,7 +205,8 @@ def _parity_model() -> tuple[Vim, dict]:
     return model, cfg
 
 
-def test_parity_small_reproduces_official_logits_and_features() -> None:
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_parity_small_reproduces_official_logits_and_features(backend: str) -> None:
     model, cfg = _parity_model()
     images = torch.load(fixture_path("vim_official", "parity_small", "input.pt"))
     logits_ref = torch.load(fixture_path("vim_official", "parity_small", "logits.pt"))
@@ -292,6 +315,42 @@ def test_cross2d_model_trains_and_class_token_sees_the_image() -> None:
     model(images).sum().backward()
     assert images.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters())
+
+
+@needs_fused
+@pytest.mark.parametrize(
+    "scan,grid,cls,chunk_rows",
+    [
+        ("bi1d", (3, 5), True, 1000),
+        ("bi1d", (7, 2), True, 2),
+        ("bi1d", (1, 1), True, 2),
+        ("bi1d", (2, 3), False, 4),
+        ("cross2d", (3, 5), True, 1000),
+        ("cross2d", (4, 3), True, 2),
+        ("cross2d", (1, 1), True, 1000),
+        ("cross2d", (2, 3), False, 4),
+    ],
+)
+def test_fused_path_matches_reference(monkeypatch, scan, grid, cls, chunk_rows) -> None:
+    # chunk_rows=2 splits every direction into many calls carrying the state (and conv halos across chunks).
+    monkeypatch.setattr(vim_module, "_MIN_CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(vim_module, "_CHUNK_ELEMENTS", 1)
+    block = VimBlock(16, scan=scan, mixer_kwargs=dict(d_state=8))
+    for p in block.op.parameters():
+        p.data.add_(0.2 * torch.randn_like(p))
+    m = grid[0] * grid[1]
+    cls_index = m // 2 if cls else None
+    h = torch.randn(2, m + cls, 16, requires_grad=True)
+    params = [h, *block.op.parameters()]
+    ref = block.mix_reference(h, grid, cls_index)
+    grads_ref = torch.autograd.grad(ref.square().sum(), params)
+    out = block.mix_fused(h, grid, cls_index)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the in-place inference epilogue
+        torch.testing.assert_close(block.mix_fused(h, grid, cls_index), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bi1d_tokens_path_equals_direct_sequence() -> None:
