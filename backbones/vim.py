@@ -251,10 +251,11 @@ class VimBlock(nn.Module):
         op, mixer = self.op, self.op.mixer
         batch, n, e = seq.shape
         width = op.conv.kernel_size[0]
-        conv_w = op.conv.weight.view(-1, e, width)[kk]  # (E, w)
+        conv_w = op.conv.weight.view(-1, e, width)[kk].t()  # (w, E)
         conv_b = op.conv.bias.view(-1, e)[kk]
         if reverse:
-            conv_w = conv_w.flip(-1)  # causal in reversed order == anti-causal, flipped, in forward order
+            conv_w = conv_w.flip(0)  # causal in reversed order == anti-causal, flipped, in forward order
+        conv_w = conv_w.contiguous()  # contiguous taps: a strided weight slows addcmul four-fold
         rank, d_state = mixer.dt_rank, mixer.d_state
         x_proj, dt_proj = mixer.x_proj_weight[kk], mixer.dt_projs_weight[kk]
         dt_bias, d_skip = mixer.dt_projs_bias[kk : kk + 1].float(), mixer.Ds.view(-1, e)[kk]
@@ -270,9 +271,9 @@ class VimBlock(nn.Module):
             else:
                 lo = max(0, start - width + 1)
                 window = _pad_rows(seq[:, lo:stop], lo - (start - width + 1), 0)
-            u = torch.addcmul(conv_b, window[:, :c], conv_w[:, 0])
+            u = torch.addcmul(conv_b, window[:, :c], conv_w[0])
             for j in range(1, width):
-                u = torch.addcmul(u, window[:, j : j + c], conv_w[:, j])
+                u = torch.addcmul(u, window[:, j : j + c], conv_w[j])
             u = F.silu(u)  # (B, c, E)
             x_dbl = F.linear(u, x_proj)  # (B, c, R + 2S)
             dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)
