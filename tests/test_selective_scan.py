@@ -108,6 +108,19 @@ def test_slabs_give_the_same_numbers(monkeypatch, slab_elements, groups):
     assert_same(outputs_and_grads(selective_scan, inputs, chunk_size=3), ref)
 
 
+def test_non_contiguous_inputs_and_no_aliasing_of_scratch_buffers():
+    inputs = make_inputs(batch=2, dim=6, length=12, d_state=3, dtype=torch.float32)
+    strided = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if v is not None and v.dim() >= 3 else v
+               for k, v in inputs.items()}
+    assert not strided["u"].is_contiguous()
+    first = selective_scan(**strided, delta_softplus=True, return_last_state=True)
+    expected = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    kept = [t.clone() for t in first]
+    selective_scan(**make_inputs(batch=2, dim=6, length=12, d_state=3, dtype=torch.float32, seed=5))
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))  # outputs never live in reused scratch memory
+
+
 def test_chunk_size_does_not_change_results():
     inputs = make_inputs(length=30, d_state=2)
     base = outputs_and_grads(selective_scan, inputs, chunk_size=1)
