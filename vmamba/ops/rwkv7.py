@@ -274,7 +274,7 @@ def rwkv7_mixing_matrix(
     b: Tensor,
     scale: float | None = 1.0,
     chunk_size: int = 16,
-    block: int = 1024,
+    block: int = 512,
 ) -> Tensor:
     """The effective ``T x T`` token-mixing matrix (the quadratic form): from a zero state ``o = M v``.
 
