@@ -21,9 +21,10 @@ Forms, all giving the same numbers:
 
 Numerical stability: in-chunk pairwise decays ``exp(G_t - G_s)`` (``G`` the in-chunk cumulative log
 decay, per key channel) are factorised around a per-channel reference point in the middle of the chunk,
-so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)``; when ``(chunk_size - 1) * max|w|`` would exceed
-:data:`vmamba.ops.chunking.LOG_RANGE_LIMIT` (the shared engine's bound) the chunk is shortened accordingly (strong decays: shorter chunks, down to one
-token, never inf/NaN). Cross-chunk decays only ever use ``exp`` of non-positive numbers.
+so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)`` (:data:`vmamba.ops.chunking.LOG_RANGE_LIMIT`, the
+shared engine's bound). When ``(chunk_size - 1) * max|w|`` would exceed it, the chunk is shortened
+accordingly: strong decays get shorter chunks, down to one token, never inf/NaN. (An RWKV-7 layer's
+``w >= -e^-0.5`` never triggers this.) Cross-chunk decays only ever use ``exp`` of non-positive numbers.
 """
 from __future__ import annotations
 
