@@ -140,6 +140,18 @@ def test_strong_decays_match_loop_exactly() -> None:
     assert LOG_RANGE_LIMIT < 88  # each factor exp(+-LIMIT/2) is far from float32 overflow
 
 
+@pytest.mark.parametrize("strength", [3.75, 4.0, 7.9, 61.0])
+def test_chunk_shortening_boundary(strength: float) -> None:
+    """Uniform decays right at and past the shortening threshold (Q * |w| = LOG_RANGE_LIMIT)."""
+    raw, s0 = raw_inputs(1, 45, 1, 3, 2, state=True)
+    r, _, k, v, a, b = layer_inputs(*raw)
+    w = torch.full_like(r, -strength)
+    ref, ref_state = rwkv7_ref(r, w, k, v, a, b, initial_state=s0, output_final_state=True)
+    o, state = rwkv7(r, w, k, v, a, b, initial_state=s0, output_final_state=True, chunk_size=16)
+    torch.testing.assert_close(o, ref)
+    torch.testing.assert_close(state, ref_state)
+
+
 # bf16 inputs lose ~3 significant digits on the way in; accumulation stays float32. Documented tolerance:
 # |o_bf16 - o_fp32| <= 3e-2 * max|o_fp32|.
 BF16_TOLERANCE = 3e-2

@@ -22,7 +22,7 @@ Forms, all giving the same numbers:
 Numerical stability: in-chunk pairwise decays ``exp(G_t - G_s)`` (``G`` the in-chunk cumulative log
 decay, per key channel) are factorised around a per-channel reference point in the middle of the chunk,
 so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)`` (:data:`vmamba.ops.chunking.LOG_RANGE_LIMIT`, the
-shared engine's bound). When ``(chunk_size - 1) * max|w|`` would exceed it, the chunk is shortened
+shared engine's bound). When ``chunk_size * max|w|`` would exceed it, the chunk is shortened
 accordingly: strong decays get shorter chunks, down to one token, never inf/NaN. (An RWKV-7 layer's
 ``w >= -e^-0.5`` never triggers this.) Cross-chunk decays only ever use ``exp`` of non-positive numbers.
 """
@@ -122,14 +122,14 @@ def rwkv7_step(
 def _effective_chunk(chunk_size: int, w: Tensor) -> int:
     """Shorten the chunk when strong decays would push the in-chunk log range past the limit.
 
-    A chunk of Q tokens spans Q - 1 decay steps between its first and last key, so
-    ``(Q - 1) * max|w| <= LOG_RANGE_LIMIT`` keeps both factors of every pairwise decay within
-    ``exp(LOG_RANGE_LIMIT / 2)``; Q = 1 is always safe.
+    With the reference point at position ``(Q - 1) // 2`` each factor of a pairwise decay spans at most
+    ``ceil((Q - 1) / 2) <= Q / 2`` decay steps, so ``Q * max|w| <= LOG_RANGE_LIMIT`` keeps both within
+    ``exp(LOG_RANGE_LIMIT / 2)``; Q = 1 is always safe (its only pair is a token with itself).
     """
     strongest = float(-w.detach().min()) if w.numel() else 0.0
-    if strongest * (chunk_size - 1) <= LOG_RANGE_LIMIT:
+    if strongest * chunk_size <= LOG_RANGE_LIMIT:
         return chunk_size
-    return max(1, min(chunk_size, 1 + int(LOG_RANGE_LIMIT // strongest)))
+    return max(1, min(chunk_size, int(LOG_RANGE_LIMIT // strongest)))
 
 
 def _unit_lower_inverse(strict: Tensor) -> Tensor:
@@ -178,8 +178,8 @@ def _rwkv7_chunk(
     g_ex = F.pad(g_in[:, :-1], (0, 0, 1, 0))  # G_{t-1}: through t-1 (what a_t^T S_{t-1} sees)
     # Pairwise decays exp(G_x - G_s) (x = t or t-1 >= s) factorised around a per-channel reference point
     # G_ref mid-chunk: exp(G_x - G_ref) * exp(G_ref - G_s). On every unmasked pair both exponents are at
-    # most (Q-1)/2 * max|w| <= LOG_RANGE_LIMIT / 2; the clamp only touches factors that meet masked pairs
-    # alone (e.g. a_0, which has no earlier key), keeping them finite.
+    # most Q/2 * max|w| <= LOG_RANGE_LIMIT / 2 (see _effective_chunk); the clamp only touches factors that
+    # meet masked pairs alone (e.g. a_0, which has no earlier key), keeping them finite.
     half = LOG_RANGE_LIMIT / 2
     ref = g_in[:, (q_len - 1) // 2 : (q_len - 1) // 2 + 1]
     right = torch.exp((ref - g_in).clamp(max=half))
@@ -189,7 +189,8 @@ def _rwkv7_chunk(
     pair = torch.bmm(left, torch.cat([kc * right, bc * right], dim=1).transpose(1, 2))  # (N, 2Q, 2Q)
     ones = torch.ones(q_len, q_len, dtype=torch.bool, device=r.device)
     incl, strict = ones.tril(), ones.tril(-1)
-    pair = pair * torch.cat([torch.cat([incl, incl], 1), torch.cat([strict, strict], 1)], 0)
+    # masked entries are replaced, not multiplied by zero: they can be large
+    pair = torch.where(torch.cat([torch.cat([incl, incl], 1), torch.cat([strict, strict], 1)], 0), pair, 0.0)
     a_rk, a_rb = pair[:, :q_len, :q_len], pair[:, :q_len, q_len:]  # s <= t
     a_ak, a_ab = pair[:, q_len:, :q_len], pair[:, q_len:, q_len:]  # s < t
     # u_t = a_t^T S_{t-1} = (a_t e^{G_{t-1}})^T S_0 + sum_{s<t} A_ak[t,s] v_s + A_ab[t,s] u_s, i.e.
