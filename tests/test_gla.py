@@ -56,6 +56,33 @@ def test_gradients_match_loop():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("regime", ["fast", "halving"])
+def test_both_chunk_paths_match_loop_with_gradients(regime, monkeypatch):
+    """Per-channel decays take the factorised fast path while every chunk's total decay is within
+    LOG_RANGE_LIMIT and recursive halving otherwise; both must be exact. The fast case sits just under the
+    limit (the factor exp(-G) reaches ~e^59), where a careless backward overflows."""
+    import vmamba.ops.chunking as chunking
+
+    calls = []
+    halving = chunking._halving_terms
+    monkeypatch.setattr(chunking, "_halving_terms", lambda *a: calls.append(1) or halving(*a))
+    torch.manual_seed(3)
+    q, k, v, _ = _inputs(batch=1, length=100, heads=2, dk=6, dv=3, dtype=torch.float32)
+    per_step = 0.92 if regime == "fast" else 3.0  # 64 steps: ~59 (< 60) or ~192
+    g = -(per_step + 0.01 * torch.rand(1, 100, 2, 6))
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    o, s = gla(q, k, v, g, output_final_state=True, chunk_size=64)
+    grads = torch.autograd.grad(o.sum() + s.sum(), leaves)
+    assert bool(calls) == (regime == "halving")
+    o_ref, s_ref = gla_ref(*(t.double() for t in leaves), output_final_state=True)
+    grads_ref = torch.autograd.grad(o_ref.sum() + s_ref.sum(), leaves)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, grads_ref):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
+
+
 def test_gradcheck_chunked_and_quadratic():
     q, k, v, g = _inputs(batch=1, length=6, heads=2, dk=3, dv=2)
     s0 = _state(q, v)

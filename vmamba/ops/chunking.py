@@ -28,6 +28,7 @@ Tensors here are head-major (``(..., T, K)``) and already in the compute dtype; 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,11 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flops import register_macs
+
 __all__ = [
     "compute_dtype",
     "chunked_decay_attention",
     "quadratic_decay_attention",
     "decay_attention_matrix",
+    "decay_attention_macs",
+    "LOG_RANGE_LIMIT",
 ]
 
 
@@ -171,6 +176,90 @@ def _per_channel_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor) -> _Chun
     )
 
 
+def _chunked(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """The chunked algorithm in plain differentiable PyTorch (see :func:`chunked_decay_attention`)."""
+    dtype = v.dtype
+    length = v.shape[-2]
+    batch_shape = _batch_shape(q, k, v, log_decay)
+    state = v.new_zeros(*batch_shape, q.shape[-1], v.shape[-1])
+    if initial_state is not None:
+        state = state + initial_state
+    if length == 0:
+        return v.new_zeros(*batch_shape, 0, v.shape[-1]), state
+    size = max(1, min(chunk_size, length))
+    chunks = -(-length // size)
+    pad = chunks * size - length
+    if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
+        q, k, v, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_decay))
+    qc, kc, vc, gc = (t.unflatten(-2, (chunks, size)) for t in (q, k, v, log_decay))  # (..., n, Q, *)
+    parts = (_scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks)(qc, kc, vc, gc)
+    starts = []  # the state entering each chunk
+    for decay, written in zip(parts.decay.unbind(-3), parts.chunk_states.unbind(-3)):
+        starts.append(state)
+        state = torch.addcmul(written, decay, state)
+    o = parts.intra_out + parts.read(torch.stack(starts, dim=-3))
+    return o.flatten(-3, -2)[..., :length, :].to(dtype), state
+
+
+def _batch_shape(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> torch.Size:
+    return torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], log_decay.shape[:-2])
+
+
+# One dispatcher op so FlopCounterMode counts the chunked form by formula (and torch.compile sees one opaque
+# op); its backward recomputes the forward under autograd instead of storing every intermediate.
+@torch.library.custom_op("vmamba::decay_attention", mutates_args=())
+def _decay_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    return _chunked(q, k, v, log_decay, initial_state, chunk_size)
+
+
+@_decay_attention_op.register_fake
+def _(q, k, v, log_decay, initial_state, chunk_size):
+    batch_shape = _batch_shape(q, k, v, log_decay)
+    return v.new_empty(*batch_shape, v.shape[-2], v.shape[-1]), v.new_empty(*batch_shape, q.shape[-1], v.shape[-1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, log_decay, initial_state, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, log_decay, initial_state)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [
+            None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad)
+        ]
+        o, state = _chunked(*leaves, ctx.chunk_size)
+        pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None]
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True))
+    return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None)
+
+
+_decay_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int = 64, *rest, **kwargs) -> int:
+    """Multiply-accumulates of the chunked form (matmuls only; shapes as :func:`chunked_decay_attention`).
+
+    Per token: the diagonal block ``Q K`` (scores, once per query/key group) and ``Q V`` (mixing), the state
+    write and read ``2 K V`` (per head), with ``Q = min(chunk_size, T)``.
+    """
+    length, dk, dv = v[-2], q[-1], v[-1]
+    size = max(1, min(chunk_size, length))
+    heads = math.prod(torch.broadcast_shapes(q[:-2], k[:-2], v[:-2], log_decay[:-2]))
+    score_heads = math.prod(torch.broadcast_shapes(q[:-2], k[:-2]))
+    return length * (score_heads * size * dk + heads * (size * dv + 2 * dk * dv))
+
+
+register_macs(torch.ops.vmamba.decay_attention, decay_attention_macs)
+
+
 def chunked_decay_attention(
     q: Tensor,
     k: Tensor,
@@ -191,28 +280,12 @@ def chunked_decay_attention(
 
     Returns:
         ``o (..., T, V)`` and ``final_state (..., K, V)``, in the inputs' dtype (float32 or float64).
+
+    Runs as the dispatcher op ``vmamba::decay_attention``: FlopCounterMode counts it with
+    :func:`decay_attention_macs` (see :mod:`vmamba.ops.flops`); its backward recomputes the forward (only the
+    inputs are kept for it) and is counted from the recomputation's own matmuls.
     """
-    dtype = v.dtype
-    length = v.shape[-2]
-    batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], log_decay.shape[:-2])
-    state = v.new_zeros(*batch_shape, q.shape[-1], v.shape[-1])
-    if initial_state is not None:
-        state = state + initial_state
-    if length == 0:
-        return v.new_zeros(*batch_shape, 0, v.shape[-1]), state
-    size = max(1, min(chunk_size, length))
-    chunks = -(-length // size)
-    pad = chunks * size - length
-    if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
-        q, k, v, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_decay))
-    qc, kc, vc, gc = (t.unflatten(-2, (chunks, size)) for t in (q, k, v, log_decay))  # (..., n, Q, *)
-    parts = (_scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks)(qc, kc, vc, gc)
-    starts = []  # the state entering each chunk
-    for decay, written in zip(parts.decay.unbind(-3), parts.chunk_states.unbind(-3)):
-        starts.append(state)
-        state = torch.addcmul(written, decay, state)
-    o = parts.intra_out + parts.read(torch.stack(starts, dim=-3))
-    return o.flatten(-3, -2)[..., :length, :].to(dtype), state
+    return torch.ops.vmamba.decay_attention(q, k, v, log_decay, initial_state, chunk_size)
 
 
 def decay_attention_matrix(q: Tensor, k: Tensor, log_decay: Tensor) -> Tensor:

@@ -167,8 +167,9 @@ def gla_ref(
         qs = qs * s
         state = qs.new_zeros(batch, heads, dk, v.shape[-1]) if initial_state is None else initial_state.to(dtype)
         outs = []
-        for t in range(length):
-            o_t, state = _update(state, qs[:, t], ks[:, t], vs[:, t], gs[:, t])
+        # unbind, not qs[:, t]: each indexing op's backward would write a full-size gradient per step (O(T^2))
+        for q_t, k_t, v_t, g_t in zip(*(t.unbind(1) for t in (qs, ks, vs, gs))):
+            o_t, state = _update(state, q_t, k_t, v_t, g_t)
             outs.append(o_t)
         o = torch.stack(outs, dim=1) if outs else vs.new_zeros(v.shape)
     return o.to(q.dtype), state if output_final_state else None

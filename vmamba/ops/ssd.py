@@ -268,10 +268,10 @@ def ssd_ref(
         else:
             h = initial_states.to(dtype)
         ys = []
-        for t in range(length):
-            decay = torch.exp(log_decay[:, t])[:, :, None, None]
-            h = decay * h + (dt[:, t, :, None] * x32[:, t])[..., None] * Bh[:, t, :, None, :]
-            ys.append((h * Ch[:, t, :, None, :]).sum(-1))
+        # unbind, not x[:, t]: each indexing op's backward would write a full-size gradient per step (O(T^2))
+        for a_t, dt_t, x_t, B_t, C_t in zip(*(t.unbind(1) for t in (log_decay, dt, x32, Bh, Ch))):
+            h = torch.exp(a_t)[:, :, None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+            ys.append((h * C_t[:, :, None, :]).sum(-1))
         y = torch.stack(ys, dim=1) if ys else x32.new_zeros(x.shape)
         return _finish(y, x, D, z, dtype), h if return_final_states else None
 
