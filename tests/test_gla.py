@@ -83,6 +83,26 @@ def test_both_chunk_paths_match_loop_with_gradients(regime, monkeypatch):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
 
 
+def test_gradient_of_a_single_input():
+    """Only q differentiable: the final state does not depend on it (and must not break the backward)."""
+    q, k, v, g = _inputs(length=20)
+    q.requires_grad_()
+    o, s = gla(q, k, v, g, output_final_state=True, chunk_size=8)
+    (grad,) = torch.autograd.grad(o.sum() + s.sum(), q)
+    o_ref, _ = gla_ref(q, k, v, g)
+    (grad_ref,) = torch.autograd.grad(o_ref.sum(), q)
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_flop_count_is_registered():
+    from vmamba.ops.flops import count_flops
+
+    q, k, v, g = _inputs(batch=1, length=100, heads=4, dk=32, dv=16, dtype=torch.float32)
+    chunk = 64  # MACs per token: scores Q*K and mixing Q*V per head, state write and read 2*K*V per head
+    macs = 100 * 4 * (chunk * 32 + chunk * 16 + 2 * 32 * 16)
+    assert count_flops(lambda: gla(q, k, v, g, chunk_size=chunk)) == 2 * macs
+
+
 def test_gradcheck_chunked_and_quadratic():
     q, k, v, g = _inputs(batch=1, length=6, heads=2, dk=3, dv=2)
     s0 = _state(q, v)

@@ -80,6 +80,15 @@ def test_gradients_match_loop():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+def test_flop_count_is_registered():
+    """B/C products are counted once per group, the rest per head."""
+    from vmamba.ops.flops import count_flops
+
+    x, dt, A, B, C = _inputs(batch=1, length=100, heads=6, head_dim=8, groups=1, d_state=16, dtype=torch.float32)
+    macs = 100 * (1 * 64 * 16 + 6 * (64 * 8 + 2 * 16 * 8))
+    assert count_flops(lambda: ssd(x, dt, A.abs().neg(), B, C, dt_softplus=True)) == 2 * macs
+
+
 def test_gradcheck_chunked_and_quadratic():
     x, dt, A, B, C = _inputs(batch=1, length=6, heads=2, head_dim=2, groups=1, d_state=3)
     h0 = _state(x, B)

@@ -63,10 +63,11 @@ _PRECISE_CUMSUM_LENGTH = 256
 class _Chunks:
     """What the chunk loop needs from a decay type, every tensor ``(..., n, ...)`` over the n chunks."""
 
-    intra_out: Tensor  # (..., n, Q, V): each chunk's own tokens mixed by the diagonal block
     chunk_states: Tensor  # (..., n, K, V): what each chunk adds to the state, decayed to the chunk's end
     decay: Tensor  # (..., n, K or 1, 1): each chunk's total decay of the carried state
-    read: Callable[[Tensor], Tensor]  # (..., n, K, V) states entering the chunks -> (..., n, Q, V) outputs
+    # (..., n, K, V) states entering the chunks -> (..., n, Q, V) outputs: the state read plus the chunk's
+    # own tokens mixed by the diagonal block, times the scale
+    output: Callable[[Tensor], Tensor]
 
 
 def _causal_bias(size: int, like: Tensor) -> Tensor:
@@ -80,12 +81,15 @@ def _scalar_cumsum(gc: Tensor) -> Tensor:
     return gc[..., 0].to(cum_dtype).cumsum(-1)
 
 
-def _scalar_block(qc: Tensor, kc: Tensor, cum: Tensor, dtype: torch.dtype) -> Tensor:
-    """Diagonal block ``(q kᵀ) * exp(G_t - G_s)`` for one decay per head: ``(..., n, Q, Q)``."""
+def _scalar_block(qc: Tensor, kc: Tensor, cum: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+    """Diagonal block ``scale (q kᵀ) * exp(G_t - G_s)`` for one decay per head: ``(..., n, Q, Q)``."""
     size = cum.shape[-1]
     # [t, s] = sum_{s<u<=t} g_u for s <= t, -inf above the diagonal (exp gives exactly 0, gradient 0)
     exponent = (cum[..., :, None] + _causal_bias(size, cum)) - cum[..., None, :]
-    return (qc @ kc.transpose(-1, -2)) * torch.exp(exponent.to(dtype))
+    scores = qc @ kc.transpose(-1, -2)  # once per group of heads sharing q and k
+    if scale != 1.0:
+        scores = scores * scale
+    return scores * torch.exp(exponent.to(dtype))
 
 
 def _shared_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -96,24 +100,33 @@ def _shared_matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _scalar_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor) -> _Chunks:
+def _scalar_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, scale: float) -> _Chunks:
     """One decay per head: the decays are scalars per token, so they scale the values written into the state
     and the outputs read from it rather than the (possibly group-shared, wider) queries and keys."""
     dtype = vc.dtype
     cum = _scalar_cumsum(gc)
     to_end = torch.exp((cum[..., -1:] - cum).to(dtype))[..., None]  # (..., n, Q, 1): sum_{s<u<=Q} g_u
     from_start = torch.exp(cum.to(dtype))[..., None]  # sum_{u<=t} g_u
+    intra_out = _scalar_block(qc, kc, cum, dtype, scale) @ vc
+    read_scale = from_start * scale if scale != 1.0 else from_start
     return _Chunks(
-        intra_out=_scalar_block(qc, kc, cum, dtype) @ vc,
         chunk_states=_shared_matmul(kc.transpose(-1, -2), vc * to_end),
         decay=from_start[..., -1:, :],
-        read=lambda starts: _shared_matmul(qc, starts) * from_start,
+        output=lambda starts: torch.addcmul(intra_out, _shared_matmul(qc, starts), read_scale),
     )
 
 
-def _per_channel_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _per_channel_terms(
+    qc: Tensor, kc: Tensor, gc: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Chunk terms for a decay per key channel: ``gc (..., n, Q, K)``; the fast factorisation when every
-    chunk's total decay is within :data:`LOG_RANGE_LIMIT`, else recursive halving."""
+    chunk's total decay is within :data:`LOG_RANGE_LIMIT`, else recursive halving.
+
+    Returns ``(intra (..., n, Q, Q), q_in (..., n, Q, K), k_write (..., n, Q, K), write_scale, decay)``:
+    ``q_in = q_t exp(G_t)`` reads the state entering the chunk, ``k_writeᵀ v`` times ``write_scale``
+    (``(..., n, K)`` per key row, or None) is what the chunk writes into the state leaving it,
+    ``k_s exp(G_Q - G_s)`` per token, and ``decay = exp(G_Q)`` (``(..., n, K)``).
+    """
     cum = gc.cumsum(-2)  # (..., n, Q, K), restarted in every chunk; the last row is each chunk's total
     if cum.numel() == 0 or float(cum[..., -1, :].detach().min()) < -LOG_RANGE_LIMIT:
         return _halving_terms(qc, kc, gc)
@@ -123,10 +136,10 @@ def _per_channel_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tens
     k_rel = kc * torch.exp(-cum)
     intra = (q_in @ k_rel.transpose(-1, -2)).tril()  # replaces the (possibly huge) upper entries by zeros
     decay = from_start[..., -1, :]
-    return intra, q_in, k_rel * decay[..., None, :], decay
+    return intra, q_in, k_rel, decay, decay  # written state: exp(G_Q) (k exp(-G))ᵀ v, scaled per key row
 
 
-def _halving_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _halving_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, Tensor, None, Tensor]:
     """Chunk terms for a decay per key channel by recursive halving (any decay strength).
 
     Blocks of size 1 hold ``q_t . k_t``. Two neighbouring blocks of size m join into one of size 2m whose
@@ -163,21 +176,30 @@ def _halving_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, 
     intra = block.squeeze(-3)[..., :size, :size]
     # prefix = exp(G_t) from the chunk start, suffix = exp(G_Q - G_s) to its end (padding decays by 1).
     q_in = qc[..., :size, :] * prefix[..., :size, :]
-    return intra, q_in, kc[..., :size, :] * suffix[..., :size, :], prefix[..., -1, :]
+    return intra, q_in, kc[..., :size, :] * suffix[..., :size, :], None, prefix[..., -1, :]
 
 
-def _per_channel_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor) -> _Chunks:
-    intra, q_in, k_out, decay = _per_channel_terms(qc, kc, gc)
-    return _Chunks(
-        intra_out=intra @ vc,
-        chunk_states=k_out.transpose(-1, -2) @ vc,
-        decay=decay[..., None],
-        read=lambda starts: q_in @ starts,
-    )
+def _per_channel_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, scale: float) -> _Chunks:
+    intra, q_in, k_write, write_scale, decay = _per_channel_terms(qc, kc, gc)
+    intra_out = intra @ vc
+    chunk_states = k_write.transpose(-1, -2) @ vc
+    if write_scale is not None:
+        chunk_states = chunk_states * write_scale[..., None]
+
+    def output(starts: Tensor) -> Tensor:
+        if intra_out.shape[:-2] != q_in.shape[:-2]:  # v has batch dims q and k lack
+            return (intra_out + q_in @ starts) * scale
+        # one fused product: scale * (intra_out + q_in starts)
+        out = torch.baddbmm(
+            intra_out.flatten(0, -3), q_in.flatten(0, -3), starts.flatten(0, -3), beta=scale, alpha=scale
+        )
+        return out.view(intra_out.shape)
+
+    return _Chunks(chunk_states=chunk_states, decay=decay[..., None], output=output)
 
 
 def _chunked(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int, scale: float
 ) -> tuple[Tensor, Tensor]:
     """The chunked algorithm in plain differentiable PyTorch (see :func:`chunked_decay_attention`)."""
     dtype = v.dtype
@@ -194,12 +216,12 @@ def _chunked(
     if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
         q, k, v, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_decay))
     qc, kc, vc, gc = (t.unflatten(-2, (chunks, size)) for t in (q, k, v, log_decay))  # (..., n, Q, *)
-    parts = (_scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks)(qc, kc, vc, gc)
+    parts = (_scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks)(qc, kc, vc, gc, scale)
     starts = []  # the state entering each chunk
     for decay, written in zip(parts.decay.unbind(-3), parts.chunk_states.unbind(-3)):
         starts.append(state)
         state = torch.addcmul(written, decay, state)
-    o = parts.intra_out + parts.read(torch.stack(starts, dim=-3))
+    o = parts.output(torch.stack(starts, dim=-3))
     return o.flatten(-3, -2)[..., :length, :].to(dtype), state
 
 
@@ -211,21 +233,21 @@ def _batch_shape(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> torch.Si
 # op); its backward recomputes the forward under autograd instead of storing every intermediate.
 @torch.library.custom_op("vmamba::decay_attention", mutates_args=())
 def _decay_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int, scale: float
 ) -> tuple[Tensor, Tensor]:
-    return _chunked(q, k, v, log_decay, initial_state, chunk_size)
+    return _chunked(q, k, v, log_decay, initial_state, chunk_size, scale)
 
 
 @_decay_attention_op.register_fake
-def _(q, k, v, log_decay, initial_state, chunk_size):
+def _(q, k, v, log_decay, initial_state, chunk_size, scale):
     batch_shape = _batch_shape(q, k, v, log_decay)
     return v.new_empty(*batch_shape, v.shape[-2], v.shape[-1]), v.new_empty(*batch_shape, q.shape[-1], v.shape[-1])
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_decay, initial_state, chunk_size = inputs
+    q, k, v, log_decay, initial_state, chunk_size, scale = inputs
     ctx.save_for_backward(q, k, v, log_decay, initial_state)
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.scale = chunk_size, scale
 
 
 def _backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
@@ -234,17 +256,22 @@ def _backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
         leaves = [
             None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad)
         ]
-        o, state = _chunked(*leaves, ctx.chunk_size)
-        pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None]
+        o, state = _chunked(*leaves, ctx.chunk_size, ctx.scale)
+        # outputs that do not depend on a differentiable input (the state, when only q needs a gradient) drop out
+        pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None and out.requires_grad]
         wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True))
-    return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None)
+        grads = iter(
+            torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True)
+            if pairs
+            else [None] * len(wanted)
+        )
+    return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None, None)
 
 
 _decay_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int = 64, *rest, **kwargs) -> int:
+def decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int = 64, *rest, **kw) -> int:
     """Multiply-accumulates of the chunked form (matmuls only; shapes as :func:`chunked_decay_attention`).
 
     Per token: the diagonal block ``Q K`` (scores, once per query/key group) and ``Q V`` (mixing), the state
@@ -267,8 +294,9 @@ def chunked_decay_attention(
     log_decay: Tensor,
     initial_state: Tensor | None = None,
     chunk_size: int = 64,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked ``S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = q_tᵀ S_t``.
+    """Chunked ``S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale * q_tᵀ S_t``.
 
     Args:
         q, k: ``(..., T, K)``; their leading dims broadcast against ``v``'s (a group of heads may share
@@ -276,7 +304,8 @@ def chunked_decay_attention(
         v: ``(..., T, V)``.
         log_decay: ``(..., T, 1)`` (one decay per head) or ``(..., T, K)`` (per key channel), ``<= 0``.
         initial_state: ``(..., K, V)``; zeros when None.
-        chunk_size: tokens per chunk (any positive size; powers of two are fastest for per-channel decays).
+        chunk_size: tokens per chunk (any positive size).
+        scale: output scale (applied inside the fused products, cheaper than scaling q).
 
     Returns:
         ``o (..., T, V)`` and ``final_state (..., K, V)``, in the inputs' dtype (float32 or float64).
@@ -285,27 +314,28 @@ def chunked_decay_attention(
     :func:`decay_attention_macs` (see :mod:`vmamba.ops.flops`); its backward recomputes the forward (only the
     inputs are kept for it) and is counted from the recomputation's own matmuls.
     """
-    return torch.ops.vmamba.decay_attention(q, k, v, log_decay, initial_state, chunk_size)
+    return torch.ops.vmamba.decay_attention(q, k, v, log_decay, initial_state, chunk_size, float(scale))
 
 
-def decay_attention_matrix(q: Tensor, k: Tensor, log_decay: Tensor) -> Tensor:
+def decay_attention_matrix(q: Tensor, k: Tensor, log_decay: Tensor, scale: float = 1.0) -> Tensor:
     """The quadratic ("attention") form: the full ``(..., T, T)`` lower-triangular mixing matrix ``M``.
 
     q, k: ``(..., T, K)``; log_decay: ``(..., T, 1)`` or ``(..., T, K)``. ``o = M v`` from a zero state.
     """
     qc, kc, gc = (t.unsqueeze(-3) for t in (q, k, log_decay))  # one chunk
     if log_decay.shape[-1] == 1:
-        block = _scalar_block(qc, kc, _scalar_cumsum(gc), torch.promote_types(q.dtype, k.dtype))
+        block = _scalar_block(qc, kc, _scalar_cumsum(gc), torch.promote_types(q.dtype, k.dtype), scale)
     else:
         block = _per_channel_terms(qc, kc, gc)[0]
+        block = block * scale if scale != 1.0 else block
     return block.squeeze(-3)
 
 
 def quadratic_decay_attention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None = None, scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
     """``o = M v`` with the full mixing matrix, plus the exact initial-state read and final-state write.
 
     Shapes as :func:`chunked_decay_attention`; costs O(T²) memory (for inspection and tests).
     """
-    return chunked_decay_attention(q, k, v, log_decay, initial_state, chunk_size=max(1, v.shape[-2]))
+    return chunked_decay_attention(q, k, v, log_decay, initial_state, max(1, v.shape[-2]), scale)

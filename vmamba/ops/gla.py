@@ -65,11 +65,12 @@ def _run(
         dtype = compute_dtype(q, k, v, g)
         s = _scale(scale, q.shape[-1])
         o, state = form(
-            _head_major(q, dtype) * s,
+            _head_major(q, dtype),
             _head_major(k, dtype),
             _head_major(v, dtype),
             g.transpose(1, 2).to(dtype),  # only its in-chunk cumulative sum is formed, already contiguous
             None if initial_state is None else initial_state.to(dtype),
+            scale=s,
             **kwargs,
         )
     return o.transpose(1, 2).to(q.dtype), state if output_final_state else None
@@ -136,7 +137,7 @@ def gla_mixing_matrix(q: Tensor, k: Tensor, g: Tensor, scale: float | None = Non
     with torch.autocast(q.device.type, enabled=False):
         dtype = compute_dtype(q, k, g)
         s = _scale(scale, q.shape[-1])
-        return decay_attention_matrix(_head_major(q, dtype) * s, _head_major(k, dtype), _head_major(g, dtype))
+        return decay_attention_matrix(_head_major(q, dtype), _head_major(k, dtype), _head_major(g, dtype), s)
 
 
 def _update(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
