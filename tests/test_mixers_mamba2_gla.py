@@ -64,6 +64,20 @@ def test_mixing_matrix_shape_causal_and_consistent(kind):
     assert torch.all(mix.diagonal(dim1=-2, dim2=-1) > 0)
 
 
+def test_mixing_matrix_matches_the_functional_op_over_all_heads():
+    from vmamba.ops import gla_mixing_matrix, ssd_mixing_matrix
+
+    x = torch.randn(2, K, 11, DIM, dtype=torch.float64)
+    m2 = _mixer(MixerType.MAMBA2).double()
+    dt, b, c = m2._project(x)
+    full = ssd_mixing_matrix(dt, -torch.exp(m2.A_log).flatten(), b, c, m2.dt_bias.flatten(), True)
+    full = full + torch.diag_embed(m2.D.flatten()[None, :, None].expand(2, -1, 11))
+    torch.testing.assert_close(m2.mixing_matrix(x), full.unflatten(1, (K, m2.num_heads)).abs().mean(2))
+    gl = _mixer(MixerType.GLA).double()
+    full = gla_mixing_matrix(*gl._qkg(x))
+    torch.testing.assert_close(gl.mixing_matrix(x), full.unflatten(1, (K, gl.num_heads)).abs().mean(2))
+
+
 def test_mamba2_mixing_matrix_reproduces_the_scan():
     """Without gate and norm the mixer's scan is y = (M + D) x per head: check against ssd directly."""
     from vmamba.ops import ssd, ssd_mixing_matrix

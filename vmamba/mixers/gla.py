@@ -146,8 +146,13 @@ class GLAMixer(SequenceMixer):
 
     def mixing_matrix(self, x: Tensor) -> Tensor:
         """``(B, K, L, C) -> (B, K, L, L)``: ``|M|`` of the GLA quadratic form averaged over heads (the norm and
-        output gate act per token and are left out)."""
+        output gate act per token and are left out). One direction at a time, so memory stays at
+        ``B * H * L²``."""
         self.check_input(x)
-        q, kk, g = self._qkg(x)
-        mix = gla_mixing_matrix(q, kk, g)  # (B, K*H, L, L)
-        return mix.unflatten(1, (self.num_directions, self.num_heads)).abs().mean(2)
+        q, kk, g = self._qkg(x)  # (B, L, K*H, dk)
+        h = self.num_heads
+        maps = []
+        for d in range(self.num_directions):
+            heads = slice(d * h, (d + 1) * h)
+            maps.append(gla_mixing_matrix(q[:, :, heads], kk[:, :, heads], g[:, :, heads]).abs().mean(1))
+        return torch.stack(maps, dim=1)

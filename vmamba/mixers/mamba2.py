@@ -151,10 +151,17 @@ class Mamba2Mixer(SequenceMixer):
 
     def mixing_matrix(self, x: Tensor) -> Tensor:
         """``(B, K, L, C) -> (B, K, L, L)``: ``|M|`` of the SSD quadratic form averaged over heads (D skip on
-        the diagonal; the gate and norm act per token and are left out)."""
+        the diagonal; the gate and norm act per token and are left out). One direction at a time, so memory
+        stays at ``B * H * L²``."""
         self.check_input(x)
         batch, k, length, _ = x.shape
-        dt, b, cc = self._project(x)
-        mix = ssd_mixing_matrix(dt, -torch.exp(self.A_log.float()).flatten(), b, cc, self.dt_bias.flatten(), True)
-        mix = mix + torch.diag_embed(self.D.flatten().to(mix.dtype)[None, :, None].expand(batch, -1, length))
-        return mix.unflatten(1, (k, self.num_heads)).abs().mean(2)
+        dt, b, c = self._project(x)
+        A = -torch.exp(self.A_log.float())
+        h, g = self.num_heads, self.ngroups
+        maps = []
+        for d in range(k):
+            heads, groups = slice(d * h, (d + 1) * h), slice(d * g, (d + 1) * g)
+            mix = ssd_mixing_matrix(dt[..., heads], A[d], b[:, :, groups], c[:, :, groups], self.dt_bias[d], True)
+            mix = mix + torch.diag_embed(self.D[d].to(mix.dtype)[None, :, None].expand(batch, -1, length))
+            maps.append(mix.abs().mean(1))
+        return torch.stack(maps, dim=1)
