@@ -174,10 +174,13 @@ def selective_scan_ref(
     Bf, Cf = expand_groups(B.to(acc), dim), expand_groups(C.to(acc), dim)  # (B, D, N, L)
     state = u32.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(acc)
     ys = []
-    for t in range(length):
-        dt = delta[:, :, t, None]
-        state = torch.exp(dt * A32) * state + dt * Bf[..., t] * u32[:, :, t, None]
-        ys.append((state * Cf[..., t]).sum(-1))
+    # Per-token views taken once (unbind): indexing inside the loop would make autograd build a full-size
+    # zero gradient for every token (quadratic backward).
+    steps = zip(delta.unbind(-1), u32.unbind(-1), Bf.unbind(-1), Cf.unbind(-1))
+    for dt, u_t, B_t, C_t in steps:
+        dt = dt[..., None]
+        state = torch.exp(dt * A32) * state + dt * B_t * u_t[..., None]
+        ys.append((state * C_t).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u32.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + u32 * D.to(acc)[:, None]
