@@ -217,7 +217,9 @@ def _rwkv7_chunk(
         state = torch.baddbmm(step_inject, step_trans, state)
     states = torch.stack(before, dim=1).view(rows * n, dk, dv)  # the state entering each chunk
     o = torch.baddbmm(torch.bmm(intra, vc), read, states)
-    o = (o * scale).view(batch, heads, n * q_len, dv).transpose(1, 2)[:, :length]
+    if scale != 1.0:  # RWKV-7 layers use 1
+        o = o * scale
+    o = o.view(batch, heads, n * q_len, dv).transpose(1, 2)[:, :length]
     return o, state.view(batch, heads, dk, dv)
 
 
