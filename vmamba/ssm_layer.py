@@ -138,6 +138,11 @@ class MultiDirectionSSM(nn.Module):
                 tokens, z_tokens = tokens.chunk(2, dim=-1)
         if self.conv_placement is ConvPlacement.SPATIAL:
             x = self.act(self.conv(x.movedim(-1, 1))).movedim(1, -1)
+            if tokens is None:
+                y = self.mixer.forward_map(x, self.pattern)  # a mixer's fused scan-mix-merge, if it has one
+                if y is not None:
+                    out = self._output(y, z)
+                    return out if self.channels_last else out.movedim(-1, 1)
         seqs = cross_scan(x, self.pattern, channels_last=True)  # (B, K, L, E)
         if tokens is not None:
             seqs = _insert_middle_tokens(seqs, tokens)  # (B, K, L + T, E)

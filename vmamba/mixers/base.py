@@ -7,9 +7,12 @@ The multi-direction SSM layer (:mod:`vmamba.ssm_layer`) does not change when the
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cross_scan import ScanPattern
 
 __all__ = ["MixerType", "SequenceMixer", "register_mixer", "create_mixer", "available_mixers"]
 
@@ -55,6 +58,15 @@ class SequenceMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward_map(self, x: Tensor, pattern: "ScanPattern") -> Tensor | None:
+        """Optional fused path over a whole map, for mixers that can skip the direction copies.
+
+        ``x: (B, *spatial, C)`` channel-last -> ``(B, *spatial, C)``, equal to
+        ``cross_merge(self(cross_scan(x, pattern)), ...)``. The default returns ``None``: no fused path
+        applies, and the layer scans, mixes and merges itself.
+        """
+        return None
 
     def mixing_matrix(self, x: Tensor) -> Tensor:
         """Effective token-mixing weights of the quadratic ("attention") form, for inspection.

@@ -1,15 +1,44 @@
 """Mamba (S6) mixer: per-direction x_proj / dt_proj / A / D around the selective scan."""
 from __future__ import annotations
 
+import functools
 import math
+from enum import Enum
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cross_scan import ScanPattern, cross_scan
 from ..ops import selective_scan
+from ..ops.cross2d_scan import cross2d_selective_scan
+from ..ops.fused import ScanBackend, fused_multi_scan, scan_backend, use_fused
 from .base import MixerType, SequenceMixer, register_mixer
 
-__all__ = ["MambaMixer"]
+__all__ = ["MambaMixer", "MapPath"]
+
+
+class MapPath(str, Enum):
+    """How :meth:`MambaMixer.forward_map` runs on a whole map.
+
+    ``fused``: the compiled multi-direction kernel (:mod:`vmamba.ops.fused`; any pattern and ``d_state``,
+    with autograd), when it is available and enabled. ``torch_cross2d``: the pure-PyTorch in-place
+    four-direction scan (:func:`vmamba.ops.cross2d_scan.cross2d_selective_scan`; ``cross2d``, ``d_state = 1``,
+    inference only). ``generic``: none of these; the layer materialises the direction sequences and calls
+    :meth:`MambaMixer.forward` (the differentiable chunked scan).
+    """
+
+    FUSED = "fused"
+    TORCH_CROSS2D = "torch_cross2d"
+    GENERIC = "generic"
+
+
+@functools.lru_cache(maxsize=64)
+def _direction_index(spatial: tuple[int, ...], pattern: ScanPattern) -> Tensor:
+    """``(K, L)`` int64: the map row (row-major token index) direction ``k`` visits at step ``t``."""
+    length = math.prod(spatial)
+    order = torch.arange(length, dtype=torch.float64).view(1, 1, *spatial)
+    return cross_scan(order, pattern)[0, :, :, 0].round().long()
 
 
 @register_mixer(MixerType.MAMBA)
@@ -93,6 +122,45 @@ class MambaMixer(SequenceMixer):
             delta_softplus=True,
         )
         return y.view(batch, k, c, length).transpose(2, 3)
+
+    def map_path(self, x: Tensor, pattern: ScanPattern) -> MapPath:
+        """Which path :meth:`forward_map` takes for the channel-last map ``x`` (see :class:`MapPath`).
+
+        The pure-PyTorch cross2d scan where it applies (it measured as fast as the compiled kernel for
+        VMamba's shapes and needs no compiler), unless the compiled kernel is forced
+        (``VMAMBA_SCAN_BACKEND=fused``); then the compiled kernel when available; else the generic path.
+        """
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        torch_cross2d = pattern is ScanPattern.CROSS2D and self.d_state == 1 and not needs_grad
+        if torch_cross2d and scan_backend() is not ScanBackend.FUSED:
+            return MapPath.TORCH_CROSS2D
+        if use_fused(x):
+            return MapPath.FUSED
+        return MapPath.GENERIC
+
+    def forward_map(self, x: Tensor, pattern: ScanPattern) -> Tensor | None:
+        """``cross_merge(self(cross_scan(x)))`` on a channel-last map ``x: (B, *spatial, C)`` without the
+        direction copies, or ``None`` when only the generic path applies (see :meth:`map_path`)."""
+        path = self.map_path(x, pattern)
+        if path is MapPath.GENERIC:
+            return None
+        k, c, r, n = self.num_directions, self.dim, self.dt_rank, self.d_state
+        A = -torch.exp(self.A_logs.float()).view(k, c, n)
+        if path is MapPath.TORCH_CROSS2D:
+            return cross2d_selective_scan(
+                x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, A[..., 0], self.Ds.view(k, c)
+            )
+        spatial = x.shape[1:-1]
+        u = x.reshape(x.shape[0], -1, c)  # (B, L, C) map rows
+        x_dbl = F.linear(u, self.x_proj_weight.reshape(k * (r + 2 * n), c)).unflatten(-1, (k, r + 2 * n))
+        dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=-1)  # (B, L, K, *)
+        delta = torch.einsum("blkr,kcr->blkc", dts, self.dt_projs_weight)  # (B, L, K, C)
+        y, _ = fused_multi_scan(
+            u, delta, A.transpose(1, 2), Bs.unsqueeze(3), Cs.unsqueeze(3), _direction_index(spatial, pattern),
+            delta_bias=self.dt_projs_bias, delta_softplus=True,
+        )
+        y = y + u * self.Ds.view(k, c).sum(0)
+        return y.to(x.dtype).view(x.shape)
 
     def mixing_matrix(self, x: Tensor) -> Tensor:
         """``x: (B, K, L, C) -> (B, K, L, L)``: mean over the C channels of ``|M|``, where ``M`` is each channel's
