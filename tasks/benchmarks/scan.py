@@ -2,7 +2,8 @@
 
 Shapes are VMamba-T's first stage at 224x224 (L = 56 * 56): d_state 16 (v0 / Vim-style) and d_state 1
 (v2). Inputs are float32, ``delta_softplus=True`` with a bias and a D skip, as the mixers call it.
-Printed: medians of interleaved repeats and the speed-up ratio of the chunked form (target >= 20x forward).
+Printed: medians of interleaved repeats and the speed-up ratio of the chunked form (target >= 20x forward),
+and, for reference, of the optional fused C++ kernel (:mod:`vmamba.ops.fused`) when it builds here.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 import torch
 
 from vmamba.ops import selective_scan, selective_scan_ref
+from vmamba.ops.fused import fused_selective_scan, fused_status, use_fused
 
 from .common import format_ratio, print_table, time_interleaved
 
@@ -51,25 +53,29 @@ def _forward_backward(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.T
 
 def run(quick: bool) -> None:
     repeats = 2 if quick else 5
+    fused = use_fused(torch.zeros(1))
     rows = []
     for batch, dim, d_state, length in SHAPES:
         length = QUICK_LENGTH if quick else length
         shape = f"B={batch} D={dim} N={d_state} L={length}"
         fwd_in, bwd_in = _inputs(batch, dim, d_state, length, False), _inputs(batch, dim, d_state, length, True)
-        timings = time_interleaved(
-            {
-                "loop fwd": _forward(selective_scan_ref, fwd_in),
-                "chunked fwd": _forward(selective_scan, fwd_in),
-                "loop fwd+bwd": _forward_backward(selective_scan_ref, bwd_in),
-                "chunked fwd+bwd": _forward_backward(selective_scan, bwd_in),
-            },
-            repeats=repeats,
-        )
+        fns = {
+            "loop fwd": _forward(selective_scan_ref, fwd_in),
+            "chunked fwd": _forward(selective_scan, fwd_in),
+            "loop fwd+bwd": _forward_backward(selective_scan_ref, bwd_in),
+            "chunked fwd+bwd": _forward_backward(selective_scan, bwd_in),
+        }
+        if fused:
+            fns["fused fwd"] = _forward(fused_selective_scan, fwd_in)
+            fns["fused fwd+bwd"] = _forward_backward(fused_selective_scan, bwd_in)
+        timings = time_interleaved(fns, repeats=repeats)
         for kind in ("fwd", "fwd+bwd"):
             loop, chunked = timings[f"loop {kind}"].median, timings[f"chunked {kind}"].median
-            rows.append([shape, kind, f"{loop * 1e3:.1f}", f"{chunked * 1e3:.2f}", format_ratio(loop, chunked)])
-    print_table(
-        "Selective scan: chunked vs loop reference (float32" + (", quick sizes)" if quick else ")"),
-        ["shape", "pass", "loop ms", "chunked ms", "speed-up"],
-        rows,
-    )
+            row = [shape, kind, f"{loop * 1e3:.1f}", f"{chunked * 1e3:.2f}", format_ratio(loop, chunked)]
+            if fused:
+                row.append(format_ratio(loop, timings[f"fused {kind}"].median))
+            rows.append(row)
+    header = ["shape", "pass", "loop ms", "chunked ms", "chunked speed-up"] + (["fused speed-up"] if fused else [])
+    title = "Selective scan: chunked (pure PyTorch) vs loop reference, float32"
+    print_table(title + (", quick sizes" if quick else ""), header, rows)
+    print(f"\nfused kernels: {fused_status()}")
