@@ -99,12 +99,15 @@ def test_float32_matches_loop_reference():
     assert_same(outputs_and_grads(selective_scan, inputs), outputs_and_grads(selective_scan_ref, inputs), 1e-4, 1e-5)
 
 
-@pytest.mark.parametrize("slab_elements, groups", [(1, None), (40, None), (40, 2), (200, 2), (10**6, 3)])
-def test_slabs_give_the_same_numbers(monkeypatch, slab_elements, groups):
-    """Work split over batch items / groups / channel blocks (cache-sized slabs) changes nothing."""
+@pytest.mark.parametrize(
+    "scratch, groups",  # a channel needs (3 N + 16) L = 220 scratch elements here
+    [(1, None), (500, None), (500, 2), (900, 3), (1400, 2), (10**6, 3)],
+)
+def test_slabs_give_the_same_numbers(monkeypatch, scratch, groups):
+    """Work split over batch items / groups / channel blocks (bounded scratch memory) changes nothing."""
     inputs = make_inputs(batch=3, dim=6, length=10, d_state=2, groups=groups)
     ref = outputs_and_grads(selective_scan_ref, inputs)
-    monkeypatch.setattr(scan_module, "SLAB_ELEMENTS", slab_elements)
+    monkeypatch.setattr(scan_module, "SCRATCH_ELEMENTS", scratch)
     assert_same(outputs_and_grads(selective_scan, inputs, chunk_size=3), ref)
 
 

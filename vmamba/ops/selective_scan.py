@@ -28,8 +28,8 @@ cumulative sum, so nothing overflows however strong the decay or long the sequen
 small ops instead of ``L``; ``Q ~ sqrt(L)`` balances them. The backward is the same scheme run in
 reverse on the adjoint recurrence ``lambda_t = C_t * gy_t + exp(delta_{t+1} A) * lambda_{t+1}``, from
 inputs recomputed on the fly (only the inputs are saved, so memory does not grow with ``N`` under autograd).
-The work is done slab by slab (blocks of batch items and channels of at most :data:`SLAB_ELEMENTS`
-``(token, channel, state)`` elements), in per-thread scratch buffers reused across calls.
+The work is done slab by slab (blocks of batch items and channels), in per-thread scratch buffers reused
+across calls and bounded by :data:`SCRATCH_ELEMENTS`.
 """
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ __all__ = [
     "default_chunk_size",
 ]
 
-# Elements (tokens x channels x states) of one slab, the block of (batch items, channels) the chunked form
-# processes at once. It bounds the scratch memory (a few float32 buffers of this size per thread: 16 MB each)
-# while keeping the ops large enough that their fixed cost stays small (measured on CPU: 4M beat 1M).
-SLAB_ELEMENTS = 1 << 22
+# Scratch elements the chunked form may hold per thread (float32: 64 MB). It works on slabs of (batch items,
+# channels) sized so that their scratch buffers fit this budget: about (3 N + 16) values per (channel, token).
+# Larger slabs mean fewer, larger ops (measured on CPU: N-expanded buffers of 4M elements beat 1M).
+SCRATCH_ELEMENTS = 1 << 24
+_SCRATCH_PER_STATE, _SCRATCH_PER_CHANNEL = 3, 16
 _LOG2E = 1.4426950408889634
 # softplus(x) == x beyond this (the threshold of F.softplus and of mamba-ssm's kernels).
 _SOFTPLUS_THRESHOLD = 20.0
@@ -340,8 +341,8 @@ class _Workspace:
 
     On CPU a fresh multi-megabyte tensor costs more in page faults than the arithmetic done on it (the
     allocator hands such blocks back to the OS when they are freed), so the chunked form writes its
-    temporaries into these (``out=``) instead. Memory held: a few buffers of at most a slab each
-    (:data:`SLAB_ELEMENTS` elements, or one channel's ``L * N`` if larger). Other devices allocate normally
+    temporaries into these (``out=``) instead. Memory held: about :data:`SCRATCH_ELEMENTS` per thread and
+    dtype (more only when a single channel needs more). Other devices allocate normally
     (their caching allocators already reuse memory). Buffers never leave the op.
     """
 
@@ -522,20 +523,22 @@ class _Slab:
     channels: slice
 
 
-def _slabs(batch: int, dim: int, groups: int, tokens: int) -> list[_Slab]:
-    """Cut ``(batch, D)`` into slabs of about :data:`SLAB_ELEMENTS` (``tokens = L * N`` per channel).
+def _slabs(batch: int, dim: int, groups: int, length: int, d_state: int) -> list[_Slab]:
+    """Cut ``(batch, D)`` into slabs whose scratch buffers fit :data:`SCRATCH_ELEMENTS`.
 
     A slab is either part of one group's channels (one batch item) or whole groups (and batch items), so
     its slices of ``u, delta: (B, D, L)`` are contiguous.
     """
     per_group = dim // groups
-    budget = max(1, SLAB_ELEMENTS // tokens)  # channels per slab
+    per_channel = (_SCRATCH_PER_STATE * d_state + _SCRATCH_PER_CHANNEL) * length
+    budget = max(1, SCRATCH_ELEMENTS // per_channel)  # channels (of all batch items) per slab
     out = []
     if budget < per_group:
+        step = -(-per_group // -(-per_group // budget))  # equal blocks rather than full ones and a small tail
         for b in range(batch):
             for g in range(groups):
-                for c in range(g * per_group, (g + 1) * per_group, budget):
-                    end = min(c + budget, (g + 1) * per_group)
+                for c in range(g * per_group, (g + 1) * per_group, step):
+                    end = min(c + step, (g + 1) * per_group)
                     out.append(_Slab(slice(b, b + 1), slice(g, g + 1), slice(c, end)))
         return out
     group_step = min(groups, budget // per_group)
@@ -709,7 +712,7 @@ def _forward_impl(
     last = u.new_empty(batch, dim, n, dtype=ws.dtype)
     groups = 1 if B.dim() == 3 else B.shape[1]
     with torch.autocast(u.device.type, enabled=False):  # the op owns its precision
-        for slab in _slabs(batch, dim, groups, length * n):
+        for slab in _slabs(batch, dim, groups, length, n):
             bs, cs = slab.batch, slab.channels
             su, sdelta, sA, sB, sC, sbias, sh0 = _slab_inputs(slab, u, delta, A, B, C, delta_bias, initial_state)
             ch = _scan_slab(su, sdelta, sA, sB, sC, sbias, delta_softplus, sh0, size, ws, False)
@@ -758,7 +761,7 @@ def _backward_impl(
     g_z = new(*u.shape) if z is not None else None
     g_h0 = new(batch, dim, n)
     with torch.autocast(u.device.type, enabled=False):
-        for slab in _slabs(batch, dim, groups, length * n):
+        for slab in _slabs(batch, dim, groups, length, n):
             bs, cs = slab.batch, slab.channels
             gs = slab.groups if groups > 1 else slice(0, 1)
             su, sdelta, sA, sB, sC, sbias, sh0 = _slab_inputs(slab, u, delta, A, B, C, delta_bias, initial_state)
