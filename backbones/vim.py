@@ -32,6 +32,13 @@ Scans (``scan=``):
   residual stream (class token at ``M // 2`` of the row-major sequence) is the same for both scans, so the
   position embedding, the head and checkpoints work alike.
 
+Speed: on CPU, when the fused C++ scan kernels are available (:mod:`vmamba.ops.fused`), Mamba-mixer blocks
+take :meth:`VimBlock.mix_fused`: each direction is scanned in place in the token stream's own order, in
+chunks of rows with the state carried across, so no direction copies exist and peak memory stays near a few
+``(B, N, d_inner)`` tensors at any resolution. Otherwise (other mixers, CUDA, float64, ``VMAMBA_SCAN_BACKEND=
+torch``) they take :meth:`VimBlock.mix_reference` through :class:`vmamba.MultiDirectionSSM`. Both give the
+same numbers (``tests/test_vim.py``).
+
 Initialisation follows the official code: ``trunc_normal(0.02)`` position embedding, class token and head
 weight; LeCun-normal patch projection; ``out_proj`` Kaiming-uniform scaled by ``1 / sqrt(depth)``; Mamba's
 S4D-real ``A``, ``D = 1``, dt bias = inverse softplus of a log-uniform step in ``[dt_min, dt_max]``, except

@@ -467,6 +467,19 @@ def test_grad_checkpointing_gives_same_outputs_and_grads(scan: str) -> None:
         torch.testing.assert_close(p.grad, grads[n], msg=n)
 
 
+@pytest.mark.parametrize("scan", ["bi1d", "cross2d"])
+def test_bfloat16_autocast_runs_close_to_float32(scan: str) -> None:
+    model = small_vim(scan=scan)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+
+
 def test_gradcheck_float64_tiny() -> None:
     model = Vim(img_size=8, patch_size=4, in_chans=1, embed_dim=4, depth=1, d_state=2, num_classes=2).double()
     images = torch.randn(1, 1, 8, 8, dtype=torch.float64, requires_grad=True)
