@@ -507,3 +507,19 @@ def test_parity_logits_on_every_path(backend):
         torch.testing.assert_close(out.detach(), logits, **LOGIT_TOL)
     finally:
         set_scan_backend(None)
+
+
+def test_flop_count_is_the_same_on_the_inference_and_generic_paths():
+    from vmamba.ops.flops import count_flops
+    from vmamba.ops.fused import set_scan_backend
+
+    model = _small(dims=32)  # dt rank >= 2: with rank 1 the generic path's einsum is a plain product, uncounted
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        inference = count_flops(lambda: model(x))
+    set_scan_backend("torch")
+    try:
+        generic = count_flops(lambda: model(x.requires_grad_()))
+    finally:
+        set_scan_backend(None)
+    assert inference == generic > 0

@@ -12,6 +12,8 @@ import timm
 import torch
 
 import vmamba  # noqa: F401  registers vmamba_t
+from vmamba import ScanPattern
+from vmamba.ops.fused import fused_status
 
 from .common import format_ratio, print_table, time_interleaved
 
@@ -31,6 +33,10 @@ def _throughput(quick: bool) -> None:
 
         return call
 
+    mixer = models["vmamba_t"].stages[0].blocks[0].op.mixer
+    with torch.no_grad():
+        path = mixer.map_path(torch.zeros(1, 56, 56, mixer.dim), ScanPattern.CROSS2D)
+    print(f"vmamba_t scan path under no_grad: {path.value} (compiled kernels: {fused_status()})")
     timings = time_interleaved({n: infer(m) for n, m in models.items()}, repeats=repeats, warmup=1)
     ips = {n: batch / t.median for n, t in timings.items()}
     rows = [

@@ -19,16 +19,20 @@ the same on the transposed view, reversed directions run the loops backwards. Ev
 Recurrence (per direction k, channel e): ``dt = softplus(dt_proj(x_dbl_dt) + bias)``, ``a = exp(dt * A)``,
 ``h_t = a_t h_{t-1} + dt_t B_t u_t``, ``y_t = C_t h_t + D u_t`` (``N = 1``: ``B_t``, ``C_t`` are scalars per token).
 
-No autograd: use it under ``torch.no_grad()`` (the layers fall back to the differentiable chunked
-:func:`vmamba.ops.selective_scan` whenever gradients are needed).
+No autograd: the result never requires grad (the layers take a differentiable path whenever gradients
+are needed). It is the dispatcher op ``torch.ops.vmamba.cross2d_selective_scan``, so FlopCounterMode counts
+it (:func:`cross2d_macs`, the same total as the generic path's projections and scan).
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .flops import register_macs
 
 __all__ = ["cross2d_selective_scan"]
 
@@ -50,7 +54,6 @@ def _check(u: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor,
             raise ValueError(f"{name} must be (4, E={dim}), got {tuple(t.shape)}")
 
 
-@torch.no_grad()
 def cross2d_selective_scan(
     u: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor
 ) -> Tensor:
@@ -76,6 +79,32 @@ def cross2d_selective_scan(
     copy of ``u``, accumulate into a ``(B, W, H, E)`` output and add it back transposed at the end.
     """
     _check(u, x_proj_weight, dt_weight, dt_bias, A, D)
+    with torch.no_grad():
+        return torch.ops.vmamba.cross2d_selective_scan(u, x_proj_weight, dt_weight, dt_bias, A, D)
+
+
+def cross2d_macs(u: Sequence[int], x_proj_weight: Sequence[int], dt_weight: Sequence[int], *rest: object) -> int:
+    """MACs as the generic path counts them: the x / dt projections, the official ``9 * B * L * D * N``
+    scan rule and ``B * D * L`` for the D skip, with ``D = 4 * E`` scanned channels and ``N = 1``."""
+    batch, height, width, dim = u
+    tokens, channels, rank = batch * height * width, 4 * dim, dt_weight[2]
+    return tokens * channels * (rank + 2) + tokens * channels * rank + 9 * tokens * channels + tokens * channels
+
+
+@torch.library.custom_op("vmamba::cross2d_selective_scan", mutates_args=())
+def _cross2d_op(u: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor) -> Tensor:
+    return _forward(u, x_proj_weight, dt_weight, dt_bias, A, D)
+
+
+@_cross2d_op.register_fake
+def _(u, x_proj_weight, dt_weight, dt_bias, A, D):
+    return torch.empty_like(u)
+
+
+register_macs(torch.ops.vmamba.cross2d_selective_scan, cross2d_macs)
+
+
+def _forward(u: Tensor, x_proj_weight: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor) -> Tensor:
     dtype = u.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     u = u.to(acc)
