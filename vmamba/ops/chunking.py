@@ -81,15 +81,27 @@ def _scalar_cumsum(gc: Tensor) -> Tensor:
     return gc[..., 0].to(cum_dtype).cumsum(-1)
 
 
-def _scalar_block(qc: Tensor, kc: Tensor, cum: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
+def _scalar_block(
+    qc: Tensor, kc: Tensor, cum: Tensor, dtype: torch.dtype, scale: float, differentiable: bool = True
+) -> Tensor:
     """Diagonal block ``scale (q kᵀ) * exp(G_t - G_s)`` for one decay per head: ``(..., n, Q, Q)``."""
     size = cum.shape[-1]
     # [t, s] = sum_{s<u<=t} g_u for s <= t, -inf above the diagonal (exp gives exactly 0, gradient 0)
-    exponent = (cum[..., :, None] + _causal_bias(size, cum)) - cum[..., None, :]
+    exponent = cum[..., :, None] + _causal_bias(size, cum)
     scores = qc @ kc.transpose(-1, -2)  # once per group of heads sharing q and k
     if scale != 1.0:
         scores = scores * scale
-    return scores * torch.exp(exponent.to(dtype))
+    if differentiable or exponent.dtype != dtype:
+        return scores * torch.exp((exponent - cum[..., None, :]).to(dtype))
+    return _scaled(exponent.sub_(cum[..., None, :]).exp_(), scores, inplace=True)
+
+
+def _scaled(factor: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    """``factor * x`` with ``factor``'s memory layout (``x`` may be a strided view), written into ``factor``'s
+    buffer when ``inplace`` (forward passes without autograd) and the shapes allow it."""
+    if inplace and torch.broadcast_shapes(factor.shape, x.shape) == factor.shape:
+        return factor.mul_(x)
+    return factor * x
 
 
 def _shared_matmul(a: Tensor, b: Tensor) -> Tensor:
@@ -100,24 +112,31 @@ def _shared_matmul(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
-def _scalar_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, scale: float) -> _Chunks:
+def _scalar_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, scale: float, differentiable: bool) -> _Chunks:
     """One decay per head: the decays are scalars per token, so they scale the values written into the state
     and the outputs read from it rather than the (possibly group-shared, wider) queries and keys."""
     dtype = vc.dtype
     cum = _scalar_cumsum(gc)
     to_end = torch.exp((cum[..., -1:] - cum).to(dtype))[..., None]  # (..., n, Q, 1): sum_{s<u<=Q} g_u
     from_start = torch.exp(cum.to(dtype))[..., None]  # sum_{u<=t} g_u
-    intra_out = _scalar_block(qc, kc, cum, dtype, scale) @ vc
+    intra_out = _scalar_block(qc, kc, cum, dtype, scale, differentiable) @ vc
     read_scale = from_start * scale if scale != 1.0 else from_start
+
+    def output(starts: Tensor) -> Tensor:
+        read = _shared_matmul(qc, starts)
+        if differentiable or intra_out.shape != read.shape:
+            return torch.addcmul(intra_out, read, read_scale)
+        return intra_out.addcmul_(read, read_scale)
+
     return _Chunks(
-        chunk_states=_shared_matmul(kc.transpose(-1, -2), vc * to_end),
+        chunk_states=_shared_matmul(kc.transpose(-1, -2), _scaled(to_end, vc, inplace=False)),
         decay=from_start[..., -1:, :],
-        output=lambda starts: torch.addcmul(intra_out, _shared_matmul(qc, starts), read_scale),
+        output=output,
     )
 
 
 def _per_channel_terms(
-    qc: Tensor, kc: Tensor, gc: Tensor
+    qc: Tensor, kc: Tensor, gc: Tensor, differentiable: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Chunk terms for a decay per key channel: ``gc (..., n, Q, K)``; the fast factorisation when every
     chunk's total decay is within :data:`LOG_RANGE_LIMIT`, else recursive halving.
@@ -131,11 +150,14 @@ def _per_channel_terms(
     if cum.numel() == 0 or float(cum[..., -1, :].detach().min()) < -LOG_RANGE_LIMIT:
         return _halving_terms(qc, kc, gc)
     from_start = torch.exp(cum)  # in [e^-60, 1]
-    q_in = qc * from_start
-    # k_s exp(-G_s) <= e^60 |k_s|; an exp, not a division by from_start: that backward squares from_start
-    k_rel = kc * torch.exp(-cum)
-    intra = (q_in @ k_rel.transpose(-1, -2)).tril()  # replaces the (possibly huge) upper entries by zeros
-    decay = from_start[..., -1, :]
+    decay = from_start[..., -1, :] if differentiable else from_start[..., -1, :].clone()
+    inplace = not differentiable
+    q_in = _scaled(from_start, qc, inplace)
+    # k_s exp(-G_s) <= e^60 |k_s|. Two exps, not exp(G) and its reciprocal or a division: their backward
+    # squares exp(G), which underflows where exp(-G) is large, and loses terms of order one.
+    k_rel = _scaled(cum.neg_().exp_() if inplace else torch.exp(-cum), kc, inplace)
+    scores = q_in @ k_rel.transpose(-1, -2)
+    intra = scores.tril_() if inplace else scores.tril()  # replaces the (possibly huge) upper entries by zeros
     return intra, q_in, k_rel, decay, decay  # written state: exp(G_Q) (k exp(-G))ᵀ v, scaled per key row
 
 
@@ -179,29 +201,43 @@ def _halving_terms(qc: Tensor, kc: Tensor, gc: Tensor) -> tuple[Tensor, Tensor, 
     return intra, q_in, kc[..., :size, :] * suffix[..., :size, :], None, prefix[..., -1, :]
 
 
-def _per_channel_chunks(qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, scale: float) -> _Chunks:
-    intra, q_in, k_write, write_scale, decay = _per_channel_terms(qc, kc, gc)
+def _per_channel_chunks(
+    qc: Tensor, kc: Tensor, vc: Tensor, gc: Tensor, scale: float, differentiable: bool
+) -> _Chunks:
+    intra, q_in, k_write, write_scale, decay = _per_channel_terms(qc, kc, gc, differentiable)
     intra_out = intra @ vc
     chunk_states = k_write.transpose(-1, -2) @ vc
     if write_scale is not None:
-        chunk_states = chunk_states * write_scale[..., None]
+        chunk_states = _scaled(chunk_states, write_scale[..., None], inplace=not differentiable)
 
     def output(starts: Tensor) -> Tensor:
         if intra_out.shape[:-2] != q_in.shape[:-2]:  # v has batch dims q and k lack
             return (intra_out + q_in @ starts) * scale
         # one fused product: scale * (intra_out + q_in starts)
-        out = torch.baddbmm(
-            intra_out.flatten(0, -3), q_in.flatten(0, -3), starts.flatten(0, -3), beta=scale, alpha=scale
-        )
-        return out.view(intra_out.shape)
+        args = (q_in.flatten(0, -3), starts.flatten(0, -3))
+        if differentiable:
+            return torch.baddbmm(intra_out.flatten(0, -3), *args, beta=scale, alpha=scale).view(intra_out.shape)
+        intra_out.flatten(0, -3).baddbmm_(*args, beta=scale, alpha=scale)
+        return intra_out
 
     return _Chunks(chunk_states=chunk_states, decay=decay[..., None], output=output)
 
 
 def _chunked(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    scale: float,
+    differentiable: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The chunked algorithm in plain differentiable PyTorch (see :func:`chunked_decay_attention`)."""
+    """The chunked algorithm in plain PyTorch (see :func:`chunked_decay_attention`).
+
+    ``differentiable=False`` (the op's forward, which autograd never sees) reuses buffers in place; the
+    backward recomputes with ``differentiable=True``, the same arithmetic out of place.
+    """
     dtype = v.dtype
     length = v.shape[-2]
     batch_shape = _batch_shape(q, k, v, log_decay)
@@ -216,12 +252,23 @@ def _chunked(
     if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
         q, k, v, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, log_decay))
     qc, kc, vc, gc = (t.unflatten(-2, (chunks, size)) for t in (q, k, v, log_decay))  # (..., n, Q, *)
-    parts = (_scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks)(qc, kc, vc, gc, scale)
-    starts = []  # the state entering each chunk
-    for decay, written in zip(parts.decay.unbind(-3), parts.chunk_states.unbind(-3)):
-        starts.append(state)
-        state = torch.addcmul(written, decay, state)
-    o = parts.output(torch.stack(starts, dim=-3))
+    kind = _scalar_chunks if log_decay.shape[-1] == 1 else _per_channel_chunks
+    parts = kind(qc, kc, vc, gc, scale, differentiable)
+    decays, written = parts.decay.unbind(-3), parts.chunk_states.unbind(-3)
+    if differentiable:
+        starts = []  # the state entering each chunk
+        for decay, add in zip(decays, written):
+            starts.append(state)
+            state = torch.addcmul(add, decay, state)
+        starts = torch.stack(starts, dim=-3)
+    else:
+        starts = state.new_empty(*state.shape[:-2], chunks, *state.shape[-2:])
+        entering = starts.unbind(-3)
+        entering[0].copy_(state)
+        for c in range(chunks - 1):
+            torch.addcmul(written[c], decays[c], entering[c], out=entering[c + 1])
+        state = torch.addcmul(written[-1], decays[-1], entering[-1])
+    o = parts.output(starts)
     return o.flatten(-3, -2)[..., :length, :].to(dtype), state
 
 
@@ -235,7 +282,7 @@ def _batch_shape(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor) -> torch.Si
 def _decay_attention_op(
     q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int, scale: float
 ) -> tuple[Tensor, Tensor]:
-    return _chunked(q, k, v, log_decay, initial_state, chunk_size, scale)
+    return _chunked(q, k, v, log_decay, initial_state, chunk_size, scale, differentiable=False)
 
 
 @_decay_attention_op.register_fake
@@ -256,7 +303,7 @@ def _backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
         leaves = [
             None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad)
         ]
-        o, state = _chunked(*leaves, ctx.chunk_size, ctx.scale)
+        o, state = _chunked(*leaves, ctx.chunk_size, ctx.scale, differentiable=True)
         # outputs that do not depend on a differentiable input (the state, when only q needs a gradient) drop out
         pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None and out.requires_grad]
         wanted = [t for t in leaves if t is not None and t.requires_grad]

@@ -64,11 +64,12 @@ def _run(
     with torch.autocast(q.device.type, enabled=False):
         dtype = compute_dtype(q, k, v, g)
         s = _scale(scale, q.shape[-1])
+        # q, k and g stay strided views: the engine's first elementwise products lay them out head-major
         o, state = form(
-            _head_major(q, dtype),
-            _head_major(k, dtype),
+            q.transpose(1, 2).to(dtype),
+            k.transpose(1, 2).to(dtype),
             _head_major(v, dtype),
-            g.transpose(1, 2).to(dtype),  # only its in-chunk cumulative sum is formed, already contiguous
+            g.transpose(1, 2).to(dtype),
             None if initial_state is None else initial_state.to(dtype),
             scale=s,
             **kwargs,

@@ -129,7 +129,8 @@ def _run(
         dtype = compute_dtype(x, dt, A, B, C)
         groups = B.shape[2]
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
-        v = _grouped(x.to(dtype) * dt[..., None], groups)  # (B, G, R, T, P)
+        # dt first: the product takes its head-major layout, (B, H, T, P) contiguous
+        v = (dt.transpose(1, 2).contiguous()[..., None] * x.to(dtype).transpose(1, 2)).unflatten(1, (groups, -1))
         q = _grouped(C.to(dtype), groups)  # (B, G, 1, T, N): shared by the group's heads
         k = _grouped(B.to(dtype), groups)
         g = _grouped(log_decay[..., None], groups)  # (B, G, R, T, 1)
