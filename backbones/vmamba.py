@@ -18,6 +18,15 @@ channel-first LayerNorm2d/Linear2d are the same maps). ``forward_features`` retu
 (``output_fmt = "NHWC"`` like timm's Swin); ``forward_intermediates`` and ``features_only`` return NCHW maps
 at strides 4, 8, 16, 32.
 
+Official checkpoints: ``timm.create_model("vmamba_t", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``
+with ``PATH`` a ``.pth`` holding ``{"model": state_dict}`` (or a bare state dict) or a ``.safetensors``, in the
+official classification layout, the repository's one-file layout or the legacy names;
+:func:`checkpoint_filter_fn` converts them and names any key that does not fit. The released files are
+whole training checkpoints (with a yacs config object that timm's ``weights_only`` loader refuses): add
+``custom_load=True`` to the overlay (the registry URLs set it) and :meth:`VSSM.load_pretrained` reads them with
+:func:`read_checkpoint`, which restores only tensors and takes ``"model"`` (not the EMA copy), as the
+official loader does.
+
 Input sizes: the v2 stem and downsampling are padded stride-2 convs, so any ``H, W >= 1`` works (each
 stride-2 step maps ``n -> ceil(n / 2)``; non-square is fine). The v0 patch stem needs ``H`` and ``W`` to be
 multiples of 4 and raises ``ValueError`` naming the nearest valid sizes otherwise; odd sizes later on are
@@ -25,15 +34,19 @@ zero-padded by patch merging as in the official code.
 """
 from __future__ import annotations
 
+import collections
+import pickle
 import re
+import types
 from enum import Enum
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
@@ -324,6 +337,24 @@ class VSSM(nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str | Path) -> None:
+        """timm's loading hook (the cfgs set ``custom_load``): :func:`read_checkpoint`, then
+        :func:`checkpoint_filter_fn`, then the adaptations timm makes itself (the first conv for another
+        ``in_chans``, a fresh classifier for another ``num_classes``), then a strict load."""
+        state = checkpoint_filter_fn(read_checkpoint(checkpoint_path), self)
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        source_chans = (cfg.get("input_size") or (3,))[0]
+        first = f"{cfg.get('first_conv', '')}.weight"
+        if first in state and state[first].shape[1] != self.in_chans:
+            state[first] = adapt_input_conv(self.in_chans, state[first], base_chans=source_chans)
+        strict = True
+        if cfg.get("classifier") and self.num_classes != cfg.get("num_classes", self.num_classes):
+            for suffix in (".weight", ".bias"):
+                state.pop(cfg["classifier"] + suffix, None)
+            strict = False  # only the classifier stays at its initialisation; the filter checked the rest
+        self.load_state_dict(state, strict=strict)
+
     def check_input(self, x: Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(B, in_chans, H, W)`` with a size the stem takes."""
         if x.dim() != 4:
@@ -547,6 +578,71 @@ def _short(keys: Sequence[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+class _Inert(dict):
+    """Stands in for any pickled object that is not a tensor or a plain container: accepts whatever the
+    unpickler hands it and does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+_TORCH_REBUILDERS = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"}
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Restores tensors, torch dtypes/sizes and builtin containers; every other global becomes :class:`_Inert`,
+    so no code named by the file runs (the official training config is a yacs ``CfgNode``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name in _TORCH_REBUILDERS:
+            return getattr(torch._utils, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        return _Inert
+
+
+_TENSORS_ONLY_PICKLE = types.SimpleNamespace(
+    __name__="tensors_only_pickle", Unpickler=_TensorsOnlyUnpickler, load=pickle.load
+)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The weights in a checkpoint file, for :func:`checkpoint_filter_fn`.
+
+    ``.safetensors``, or a torch file holding a state dict or a training checkpoint such as the official
+    releases (``{"model": ..., "optimizer": ..., "config": <yacs CfgNode>, ...}``). Tensors and plain containers
+    are restored and any other pickled object becomes an inert placeholder, so nothing from the file runs and
+    yacs need not be installed. The weights come from ``"model"`` (the official loader's key), else
+    ``"state_dict"``, else ``"model_ema"``, else the top level.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY_PICKLE)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key])
+    return dict(checkpoint)
+
+
 # ------------------------------------------------------------------------------------------------- cfgs
 
 
@@ -557,6 +653,7 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
         "crop_pct": 0.875, "interpolation": "bicubic",  # official eval: resize 256, center crop 224
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.conv1", "classifier": "head.fc",
+        "custom_load": True,  # VSSM.load_pretrained: released training checkpoints carry a yacs config object
         "license": "mit",
         "paper_ids": "arXiv:2401.10166",
         **kwargs,

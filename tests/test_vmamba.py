@@ -37,12 +37,12 @@ def _official_state_dict() -> dict[str, torch.Tensor]:
     return torch.load(_parity_dir() / "state_dict.pt")
 
 
-def _parity_model(path: Path | None = None) -> VSSM:
-    """vmamba_t's recipe at the parity size, loaded through timm's pretrained-file path."""
+def _parity_model(path: Path | None = None, custom_load: bool = False) -> VSSM:
+    """vmamba_t's recipe at the parity size, loaded through timm's pretrained-file path (``custom_load``:
+    through ``VSSM.load_pretrained``, the path of the registry URLs)."""
     path = path or _parity_dir() / "state_dict.pt"
-    return timm.create_model(
-        "vmamba_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10), **PARITY_KWARGS
-    ).eval()
+    overlay = dict(file=str(path), num_classes=10, custom_load=custom_load)
+    return timm.create_model("vmamba_t", pretrained=True, pretrained_cfg_overlay=overlay, **PARITY_KWARGS).eval()
 
 
 # ------------------------------------------------------------------------------------------- parity
@@ -180,7 +180,8 @@ def _to_legacy_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("layout", ["classification", "onefile", "legacy"])
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_checkpoint_file_layouts_reproduce_logits(tmp_path, layout, fmt):
+@pytest.mark.parametrize("custom_load", [False, True], ids=["timm_loader", "vssm_loader"])
+def test_checkpoint_file_layouts_reproduce_logits(tmp_path, layout, fmt, custom_load):
     sd = _official_state_dict()
     sd = {"classification": sd, "onefile": _to_onefile_layout(sd), "legacy": _to_legacy_names(sd)}[layout]
     if fmt == "pth":
@@ -191,15 +192,55 @@ def test_checkpoint_file_layouts_reproduce_logits(tmp_path, layout, fmt):
         save_file({k: v.contiguous() for k, v in sd.items()}, path)
     x, logits = torch.load(_parity_dir() / "input.pt"), torch.load(_parity_dir() / "logits.pt")
     with torch.no_grad():
-        torch.testing.assert_close(_parity_model(path)(x), logits, **LOGIT_TOL)
+        torch.testing.assert_close(_parity_model(path, custom_load)(x), logits, **LOGIT_TOL)
 
 
-def test_pretrained_file_with_other_num_classes_and_in_chans(tmp_path):
-    """timm re-sizes the classifier and the first conv after the filter; the backbone still matches."""
+class _FileCreator:
+    """Unpickling this would create a file: a stand-in for code a checkpoint could try to run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_training_checkpoint_with_foreign_objects_loads_without_running_them(tmp_path, monkeypatch):
+    """Released files are training checkpoints: a yacs config object, optimizer state, an EMA copy."""
+    import sys
+    import types
+
+    fake = types.ModuleType("yacs_like_config")
+
+    class CfgNode(dict):  # pickled by reference to a module that will be gone at load time
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = fake.__name__, "CfgNode"
+    fake.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    sd = _official_state_dict()
+    ema = {k: torch.zeros_like(v) for k, v in sd.items()}
+    pwned = tmp_path / "pwned"
+    path = tmp_path / "vssm_ckpt_epoch_1.pth"
+    torch.save({"model": sd, "model_ema": ema, "optimizer": {"state": {}}, "epoch": 1,
+                "config": CfgNode(MODEL=CfgNode(NAME="vssm"), TRAIN=[1, 2]), "payload": _FileCreator(str(pwned))}, path)
+    monkeypatch.delitem(sys.modules, fake.__name__)
+    x, logits = torch.load(_parity_dir() / "input.pt"), torch.load(_parity_dir() / "logits.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(_parity_model(path, custom_load=True)(x), logits, **LOGIT_TOL)  # not the EMA
+    assert not pwned.exists()
+    with pytest.raises(RuntimeError, match="weights_only"):  # timm's own loader refuses such files
+        _parity_model(path)
+
+
+@pytest.mark.parametrize("custom_load", [False, True], ids=["timm_loader", "vssm_loader"])
+def test_pretrained_file_with_other_num_classes_and_in_chans(tmp_path, custom_load):
+    """The classifier and the first conv are re-sized after the filter; the backbone still matches."""
     path = tmp_path / "ckpt.pth"
     torch.save({"model": _official_state_dict()}, path)
     model = timm.create_model(
-        "vmamba_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+        "vmamba_t", pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=10, custom_load=custom_load),
         **{**PARITY_KWARGS, "num_classes": 4, "in_chans": 1},
     )
     assert model.get_classifier().out_features == 4 and model.stem.conv1.in_channels == 1
