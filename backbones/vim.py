@@ -69,11 +69,12 @@ from vmamba.ssm_layer import ConvPlacement, MultiDirectionSSM
 __all__ = ["Vim", "VimBlock", "VimPatchEmbed", "resample_pos_embed", "checkpoint_filter_fn"]
 
 _SCANS = (ScanPattern.BI1D, ScanPattern.CROSS2D)
+_GLOBAL_POOLS = ("token", "avg", "")
 # Rows per fused-scan call: about this many elements per (B, rows, d_inner) temporary (long sequences run in
 # chunks with the state carried across, so memory does not grow with the chunk count).
 _CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK_ROWS = 64
-_GLOBAL_POOLS = ("token", "avg", "")
+_FUSED_MAX_STATE = 64  # the fused kernel keeps the state in registers up to this d_state
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -197,7 +198,13 @@ class VimBlock(nn.Module):
         reference it is tested against) :meth:`mix_reference`.
         """
         # The kernels compute in float32: float64 (e.g. gradcheck) stays on the reference path.
-        if isinstance(self.op.mixer, MambaMixer) and h.dtype != torch.float64 and use_fused(h):
+        mixer = self.op.mixer
+        if (
+            isinstance(mixer, MambaMixer)
+            and mixer.d_state <= _FUSED_MAX_STATE
+            and h.dtype != torch.float64
+            and use_fused(h)
+        ):
             return self.mix_fused(h, grid_size, cls_index)
         return self.mix_reference(h, grid_size, cls_index)
 
