@@ -65,7 +65,7 @@ class _Capture:
 
 def _run_and_capture(model: nn.Module, layer: MultiDirectionSSM, image: Tensor) -> _Capture:
     """One forward pass that records the layer's input (for its spatial size) and its mixer's input."""
-    from vmamba.ops.fused import scan_backend, set_scan_backend
+    from vmamba.ops.fused import forced_scan_backend
 
     capture = _Capture()
 
@@ -83,15 +83,12 @@ def _run_and_capture(model: nn.Module, layer: MultiDirectionSSM, image: Tensor) 
     ]
     # Fused fast paths skip the mixer module: Vim's Mamba blocks (the scan backend) and a mixer's own
     # ``forward_map`` over the whole map (returning None there makes the layer scan, mix and merge itself).
-    previous = scan_backend()
-    set_scan_backend("torch")
     layer.mixer.forward_map = lambda x, pattern: None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forced_scan_backend("torch"):
             model(image)
     finally:
         del layer.mixer.forward_map
-        set_scan_backend(previous)
         for handle in handles:
             handle.remove()
     if capture.sequences is None or capture.layer_input is None:

@@ -102,6 +102,9 @@ def test_fused_multi_direction_equals_scan_per_direction_then_merge(pattern, spa
 
 def test_backend_selection(monkeypatch):
     monkeypatch.setenv("VMAMBA_SCAN_BACKEND", "torch")
+    with fused.forced_scan_backend("fused"):
+        assert fused.scan_backend() is fused.ScanBackend.FUSED
+    assert fused.scan_backend() is fused.ScanBackend.TORCH  # restored to the environment's choice
     assert not fused.use_fused(torch.zeros(1))
     assert "pure PyTorch" in fused.fused_status()
     monkeypatch.setenv("VMAMBA_SCAN_BACKEND", "fused")
@@ -114,3 +117,42 @@ def test_backend_selection(monkeypatch):
         assert fused.scan_backend() is fused.ScanBackend.TORCH
     finally:
         fused.set_scan_backend(None)
+
+
+def test_selective_scan_dispatches_to_the_fused_kernel_with_the_same_numbers():
+    """``vmamba.ops.selective_scan`` picks the compiled kernel under the fused backend; both paths agree."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vmamba.ops import selective_scan
+
+    inputs = _inputs(2, 24, 16, 45, 3)
+    results = {}
+    for backend in (fused.ScanBackend.TORCH, fused.ScanBackend.FUSED):
+        fused.set_scan_backend(backend)
+        try:
+            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            with FlopCounterMode(display=False) as counter:
+                out, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True)
+                (out.square().sum() + last.sum()).backward()
+            results[backend] = (out, last, {k: v.grad for k, v in leaves.items()}, counter.get_total_flops())
+        finally:
+            fused.set_scan_backend(None)
+    (o_t, l_t, g_t, f_t), (o_f, l_f, g_f, f_f) = results.values()
+    torch.testing.assert_close(o_f, o_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l_f, l_t, rtol=1e-5, atol=1e-5)
+    for name in g_t:
+        scale = g_t[name].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g_f[name] / scale, g_t[name] / scale, rtol=1e-5, atol=1e-5, msg=name)
+    assert f_t == f_f > 0  # the op is counted the same whichever kernel runs inside
+
+
+def test_fused_multi_scan_is_flop_counted():
+    from vmamba.ops.flops import count_flops
+
+    index = scan_indices((4, 6), "cross2d")
+    k, length = index.shape
+    u = torch.randn(2, length, 16)
+    delta, A = torch.randn(2, length, k, 16), -torch.rand(k, 3, 16)
+    Bm = Cm = torch.randn(2, length, k, 1, 3)
+    flops = count_flops(lambda: fused.fused_multi_scan(u, delta, A, Bm, Cm, index))
+    assert flops == 2 * 9 * 2 * length * k * 16 * 3

@@ -15,10 +15,19 @@ from vmamba.ops import (
     selective_scan_ref,
     selective_scan_step,
 )
+from vmamba.ops import fused
 from vmamba.ops.flops import count_flops, selective_scan_macs
 
 # ``vmamba.ops.selective_scan`` is the function; the module holds the tunables.
 scan_module = importlib.import_module("vmamba.ops.selective_scan")
+
+
+@pytest.fixture(autouse=True)
+def _pure_pytorch_path():
+    """These tests pin the pure-PyTorch chunked path; tests/test_fused_scan.py covers the compiled one."""
+    fused.set_scan_backend(fused.ScanBackend.TORCH)
+    yield
+    fused.set_scan_backend(None)
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 

@@ -6,8 +6,16 @@ The pure-PyTorch ops stay the reference and the fallback. Which path runs is cho
 error saying why it cannot be built) or by :func:`set_scan_backend`. The first build takes tens of
 seconds and is cached per machine under ``$VMAMBA_CACHE`` (default ``~/.cache/vmamba``).
 """
-from .loader import FusedUnavailable, ScanBackend, fused_status, scan_backend, set_scan_backend, use_fused
-from .multi_scan import fused_multi_scan, fused_selective_scan
+from .loader import (
+    FusedUnavailable,
+    ScanBackend,
+    forced_scan_backend,
+    fused_status,
+    scan_backend,
+    set_scan_backend,
+    use_fused,
+)
+from .multi_scan import fused_multi_scan, fused_selective_scan, fused_selective_scan_backward
 
 __all__ = [
     "FusedUnavailable",
@@ -15,7 +23,12 @@ __all__ = [
     "fused_status",
     "scan_backend",
     "set_scan_backend",
+    "forced_scan_backend",
     "use_fused",
     "fused_multi_scan",
     "fused_selective_scan",
+    "fused_selective_scan_backward",
+    "MAX_D_STATE",
 ]
+
+MAX_D_STATE = 64  # the kernel keeps the state of one SIMD block of channels in registers / stack

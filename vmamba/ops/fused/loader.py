@@ -6,13 +6,18 @@ import logging
 import os
 import platform
 import threading
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
-__all__ = ["ScanBackend", "FusedUnavailable", "scan_backend", "set_scan_backend", "use_fused", "fused_status", "load"]
+__all__ = [
+    "ScanBackend", "FusedUnavailable", "scan_backend", "set_scan_backend", "forced_scan_backend", "use_fused",
+    "fused_status", "load",
+]
 
 _LOG = logging.getLogger("vmamba.ops.fused")
 _SOURCE = Path(__file__).with_name("multi_scan.cpp")
@@ -80,6 +85,18 @@ def set_scan_backend(backend: ScanBackend | str | None) -> None:
     """Force a backend for this process (``None`` returns to the environment variable)."""
     global _override
     _override = None if backend is None else ScanBackend(backend)
+
+
+@contextmanager
+def forced_scan_backend(backend: ScanBackend | str) -> Iterator[None]:
+    """Run a block under ``backend``, then restore whatever was in force before (override or environment)."""
+    global _override
+    previous = _override
+    _override = ScanBackend(backend)
+    try:
+        yield
+    finally:
+        _override = previous
 
 
 def scan_backend() -> ScanBackend:
