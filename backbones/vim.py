@@ -63,7 +63,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
-from vmamba.ops.fused import fused_multi_scan, use_fused
+from vmamba.ops.fused import MAX_D_STATE, fused_multi_scan, use_fused
 from vmamba.ssm_layer import ConvPlacement, MultiDirectionSSM
 
 __all__ = ["Vim", "VimBlock", "VimPatchEmbed", "resample_pos_embed", "checkpoint_filter_fn"]
@@ -74,7 +74,6 @@ _GLOBAL_POOLS = ("token", "avg", "")
 # chunks with the state carried across, so memory does not grow with the chunk count).
 _CHUNK_ELEMENTS = 1 << 19
 _MIN_CHUNK_ROWS = 64
-_FUSED_MAX_STATE = 64  # the fused kernel keeps the state in registers up to this d_state
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -201,7 +200,7 @@ class VimBlock(nn.Module):
         mixer = self.op.mixer
         if (
             isinstance(mixer, MambaMixer)
-            and mixer.d_state <= _FUSED_MAX_STATE
+            and mixer.d_state <= MAX_D_STATE
             and h.dtype != torch.float64
             and use_fused(h)
         ):
