@@ -235,6 +235,11 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _load_note(result: CompareResult) -> str:
+    load = result.load_average_at_start
+    return f" (load average {load[0]:.1f} at the start)" if load else ""
+
+
 def _program() -> str:
     name = Path(sys.argv[0]).name
     return "python -m tasks.compare" if name in ("__main__.py", "-m", "-c", "") else name
@@ -247,7 +252,8 @@ def environment_record(result: CompareResult) -> dict[str, Any]:
     return {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([_program()] + sys.argv[1:]),
-        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_1_5_15_at_start": result.load_average_at_start,
+        "load_average_1_5_15_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu": _cpu_model(),
@@ -354,7 +360,7 @@ def write_report(result: CompareResult, out_dir: Path) -> list[Path]:
     text = [
         f"# Comparison ({cfg.task.value}), {date}",
         "",
-        f"Machine: {device}, {env['logical_cpus']} logical CPUs; torch {env['versions']['torch']}, "
+        f"Machine: {device}, {env['logical_cpus']} logical CPUs{_load_note(result)}; torch {env['versions']['torch']}, "
         f"timm {env['versions']['timm']}, monai {env['versions']['monai']}.",
         f"Settings: {_settings_line(cfg)}.",
         "GMACs = FLOPs / 2, FLOPs counted by torch's FlopCounterMode with the scan formulas registered. "

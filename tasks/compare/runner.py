@@ -6,6 +6,7 @@ the median over trials of the per-child medians.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -64,6 +65,11 @@ class CompareResult:
     memory_methods: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    load_average_at_start: list[float] | None = None  # other work on the machine skews the timings
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # progress lines must show up at once when stdout goes to a log file
 
 
 def _gives_up(result: CellResult) -> bool:
@@ -71,7 +77,7 @@ def _gives_up(result: CellResult) -> bool:
     return not result.ok and (result.reason.startswith("timed out") or result.reason.startswith("child exited"))
 
 
-def measure_speed(cfg: CompareConfig, progress: Callable[[str], None] = print) -> list[CellResult]:
+def measure_speed(cfg: CompareConfig, progress: Callable[[str], None] = _say) -> list[CellResult]:
     """Every (trial, model, resolution) cell, each in its own child process."""
     speed = cfg.speed
     results: list[CellResult] = []
@@ -142,7 +148,7 @@ def summarise(cfg: CompareConfig, cells: list[CellResult],
     return out
 
 
-def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> CompareResult:
+def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = _say) -> CompareResult:
     """Run the whole comparison described by ``cfg`` and write its report into ``cfg.output``.
 
     Raises:
@@ -152,6 +158,7 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> 
     from .report import write_report
 
     start = time.perf_counter()
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     check_models(cfg.models, cfg.task)
     if cfg.accuracy.enabled:
         check_recipe(cfg)
@@ -168,7 +175,7 @@ def run_compare(cfg: CompareConfig, progress: Callable[[str], None] = print) -> 
     result = CompareResult(
         config=cfg, models=summarise(cfg, cells, accuracy), raw_cells=cells,
         memory_methods=sorted({c.memory_method for c in cells if c.memory_method}),
-        devices=sorted({c.device for c in cells if c.device}),
+        devices=sorted({c.device for c in cells if c.device}), load_average_at_start=load,
     )
     result.seconds = time.perf_counter() - start
     write_report(result, out_dir)
