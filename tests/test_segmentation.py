@@ -147,16 +147,23 @@ def test_slice_dataset_items_are_reproducible(data_root) -> None:
 # ------------------------------------------------------------------------------- predict and evaluate
 
 
-def test_predict_writes_label_maps_in_the_input_geometry(trained, data_root, tmp_path) -> None:
+def test_predict_writes_label_maps_in_the_input_geometry(trained, data_root, tmp_path, monkeypatch) -> None:
+    from tasks.segmentation import predict as predict_module
     from tasks.segmentation.engine import config_from_checkpoint
+    from tasks.segmentation.transforms import val_transforms
 
     checkpoint = trained.output_dir / "best.safetensors"
     cfg, names = config_from_checkpoint(checkpoint)
-    odd = tmp_path / "odd.nii.gz"  # another shape, spacing and orientation than the training data
+    # another shape, spacing and a permuted orientation than the training data
     affine = np.array([[0, 0, 1.2, -5.0], [1.7, 0, 0, 3.0], [0, -1.1, 0, 8.0], [0, 0, 0, 1]])
-    image, _ = create_test_image_3d(23, 30, 19, num_objs=3, rad_max=6, rad_min=3, random_state=np.random.RandomState(9))
+    image, seg = create_test_image_3d(23, 30, 19, num_objs=3, rad_max=8, rad_min=5, num_seg_classes=2,
+                                      random_state=np.random.RandomState(9))
+    odd, odd_label = tmp_path / "odd.nii.gz", tmp_path / "odd_label.nii.gz"
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), odd)
+    nib.save(nib.Nifti1Image(seg.astype(np.uint8), affine), odd_label)
     inputs = [data_root / "imagesTr" / "case_05.nii.gz", odd]
+    labels = [data_root / "labelsTr" / "case_05.nii.gz", odd_label]
+
     written = predict(cfg, checkpoint, inputs, tmp_path / "pred", names, overlay=True)
     assert [p.name for p in written] == ["case_05_seg.nii.gz", "odd_seg.nii.gz"]
     for source, out in zip(inputs, written):
@@ -166,11 +173,23 @@ def test_predict_writes_label_maps_in_the_input_geometry(trained, data_root, tmp
         values = np.unique(np.asarray(pred.dataobj))
         assert set(values.tolist()) <= {0, 1, 2} and pred.get_data_dtype() == np.uint8
     assert (tmp_path / "pred" / "odd_seg.png").is_file()
-    # the prediction of a validation case agrees with its label about as well as validation said
-    truth = np.asarray(nib.load(data_root / "labelsTr" / "case_05.nii.gz").dataobj)
-    pred = np.asarray(nib.load(written[0]).dataobj)
-    fg = (truth > 0) | (pred > 0)
-    assert (pred[fg] == truth[fg]).mean() > 0.3
+
+    # Geometry of the content, independent of how well the tiny model learnt: an oracle network that
+    # returns the (pre-processed) truth must come back as the original label maps, voxel for voxel but for
+    # the blur of resampling there and back (a mirrored or transposed result scores about 0.2 here).
+    truths = iter([val_transforms(cfg)({"image": str(i), "label": str(l)})["label"] for i, l in zip(inputs, labels)])
+
+    def oracle(model, image, cfg):
+        truth = next(truths).as_tensor().long()[0]
+        assert truth.shape == image.shape[2:]
+        return 10.0 * torch.nn.functional.one_hot(truth, 3).movedim(-1, 0)[None].float()
+
+    monkeypatch.setattr(predict_module, "infer", oracle)
+    written = predict(cfg, checkpoint, inputs, tmp_path / "oracle", names)
+    for label, out in zip(labels, written):
+        truth, pred = np.asarray(nib.load(label).dataobj), np.asarray(nib.load(out).dataobj)
+        fg = (truth > 0) | (pred > 0)
+        assert (pred[fg] == truth[fg]).mean() > 0.8, out.name
 
 
 def test_evaluate_scores_the_validation_hold_out(trained, tmp_path) -> None:
@@ -186,12 +205,15 @@ def test_evaluate_scores_the_validation_hold_out(trained, tmp_path) -> None:
     assert report["cases"] == 2 and (tmp_path / "eval" / "evaluation.csv").is_file()
 
 
-@pytest.mark.parametrize("module", ["train", "evaluate", "predict"])
-def test_commands_have_help(module: str) -> None:
-    out = subprocess.run([sys.executable, "-m", f"tasks.segmentation.{module}", "--help"], cwd=ROOT,
+def test_commands_have_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "tasks.segmentation.train", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "usage: vmamba-seg-" in out.stdout
+    assert "usage: vmamba-seg-train" in out.stdout and "transforms.roi_size" in out.stdout
+    from tasks.segmentation import evaluate as evaluate_cli, predict as predict_cli
+
+    assert "--checkpoint" in evaluate_cli.build_parser().format_help()
+    assert "--overlay" in predict_cli.build_parser().format_help()
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -112,8 +113,11 @@ def case_metrics(
     # Both empty is a perfect score, but MONAI reports NaN for an empty truth; keep NaN (not averaged).
     hd = [float("nan")] * (num_classes - 1)
     if hd95:
-        hd_t = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-            pred_oh, label_oh, spacing=list(spacing) if spacing is not None else None)[0]
+        with warnings.catch_warnings():  # MONAI warns for every class absent from a case; NaN says it already
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            hd_t = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
+                pred_oh, label_oh, spacing=list(spacing) if spacing is not None else None)[0]
         hd = [float(v) if math.isfinite(float(v)) else float("nan") for v in hd_t]
     regions_out = {}
     for region, labels in (regions or {}).items():

@@ -94,10 +94,8 @@ def predict(cfg: SegmentationConfig, checkpoint: str | Path, inputs: Sequence[st
     written = []
     for f in tqdm(files, desc="predict", disable=not cfg.train.progress):
         data = pre({"image": str(f)})
-        image: MetaTensor = data["image"]
-        probs = torch.softmax(infer(model, plain(image)[None].to(device), cfg)[0], dim=0)
-        data["pred"] = MetaTensor(probs, affine=image.affine, meta=image.meta,
-                                  applied_operations=image.applied_operations)
+        probs = torch.softmax(infer(model, plain(data["image"])[None].to(device), cfg)[0], dim=0)
+        data["pred"] = MetaTensor(probs)  # Invertd takes the operations to undo from data["image"]
         restored = plain(invert(data)["pred"])
         labels = restored.argmax(0).numpy().astype(np.uint8)
         original = originals[f]

@@ -111,7 +111,8 @@ class TrainSummary:
     class_names: list[str]  # all classes, background first
     last: dict[str, float] = field(default_factory=dict)  # the final epoch's log row
     best: dict[str, Any] | None = None  # {"epoch", "mean_dice", per-class ...}
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock, data preparation included
+    cpu_seconds: float = 0.0  # CPU time of this process (all its threads)
 
 
 def metric_key(name: str) -> str:
@@ -237,8 +238,9 @@ def _train_epoch(cfg: SegmentationConfig, ctx: DistContext, ddp_model: nn.Module
         else:
             optimizer.step()
         scheduler.step()
-        total += torch.tensor([float(loss.detach()) * image.shape[0], image.shape[0]], dtype=torch.float64)
-        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        value = loss.item()
+        total += torch.tensor([value * image.shape[0], image.shape[0]], dtype=torch.float64)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     total = all_reduce_sum(total, ctx)
     return float(total[0] / max(total[1], 1))
 
@@ -287,7 +289,7 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
             training step; RunExistsError: the output folder holds a run and ``resume`` is not set.
     """
     cfg.check()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     ctx = init_distributed(cfg.train.device)
     try:
         check_precision(ctx.device, cfg.train.precision)
@@ -332,11 +334,13 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
         end_epoch = cfg.train.epochs if stop_after_epoch is None else min(cfg.train.epochs, stop_after_epoch)
         for epoch in range(start_epoch, end_epoch):
             _seed_epoch(cfg, epoch, ctx, data)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = _train_epoch(cfg, ctx, ddp_model, model, data.train_loader, loss_fn, optimizer, scheduler, scaler,
                                 epoch)
+            # CPU seconds as well as wall seconds: on a shared machine the wall clock says little
             row: dict[str, float] = {"epoch": epoch + 1, "train_loss": loss, "lr": scheduler.get_last_lr()[0],
-                                     "train_seconds": time.perf_counter() - t0}
+                                     "train_seconds": time.perf_counter() - t0,
+                                     "train_cpu_seconds": time.process_time() - c0}
             metrics = None
             if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs:
                 metrics = _validate(cfg, ctx, model, data.val_loader, class_names, files, epoch)
@@ -354,17 +358,19 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
             last_row = row
             barrier(ctx)
         summary = TrainSummary(files.root, end_epoch, cfg.train.epochs, class_names, last_row, best,
-                               time.perf_counter() - started)
+                               time.perf_counter() - started, time.process_time() - cpu_started)
         if ctx.is_main:
             files.metrics.write_text(json.dumps({"best": best, "last": last_row, "seconds": summary.seconds,
-                                                 "class_names": class_names}, indent=2))
+                                                 "cpu_seconds": summary.cpu_seconds, "class_names": class_names},
+                                                indent=2))
         return summary
     finally:
         close_distributed(ctx)
 
 
 def _print_epoch(row: dict[str, float], class_names: list[str]) -> None:
-    text = f"epoch {int(row['epoch'])}: loss {row['train_loss']:.4f} ({row['train_seconds']:.0f} s)"
+    text = (f"epoch {int(row['epoch'])}: loss {row['train_loss']:.4f} ({row['train_seconds']:.0f} s, "
+            f"{row['train_cpu_seconds']:.0f} s CPU)")
     if "val_mean_dice" in row:
         dice = ", ".join(f"{n} {row[f'val_dice_{metric_key(n)}']:.3f}" for n in class_names[1:])
         text += f"; val Dice {dice}; mean {row['val_mean_dice']:.3f}"
@@ -408,8 +414,8 @@ def run(argv: list[str] | None = None) -> TrainSummary:
     summary = train(config_from_args(args), resume=args.resume, stop_after_epoch=args.stop_after_epoch)
     if env_rank() == 0 and summary.best is not None:
         best = summary.best
-        print(f"done: {summary.epochs_done}/{summary.total_epochs} epochs in {summary.seconds:.0f} s -> "
-              f"{summary.output_dir}")
+        print(f"done: {summary.epochs_done}/{summary.total_epochs} epochs in {summary.seconds:.0f} s "
+              f"({summary.cpu_seconds:.0f} s CPU over {torch.get_num_threads()} threads) -> {summary.output_dir}")
         print(f"best validation (epoch {best['epoch']}):")
         for name in summary.class_names[1:]:
             key = metric_key(name)

@@ -43,7 +43,8 @@ def preprocess_transforms(cfg: TransformConfig, keys: Sequence[str] = ("image", 
     keys = list(keys)
     has_label = "label" in keys
     chain: list = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
-                   Orientationd(keys=keys, axcodes=cfg.axcodes)]
+                   # labels given explicitly: the RAS convention (silences MONAI's notice of a changing default)
+                   Orientationd(keys=keys, axcodes=cfg.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     if cfg.pixdim is not None:
         modes = ("bilinear", "nearest") if has_label else ("bilinear",)
         chain.append(Spacingd(keys=keys, pixdim=cfg.pixdim, mode=modes))
@@ -158,6 +159,12 @@ class SliceDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> "SliceDataset":
+        """No-op for MONAI's ``set_rnd`` (its data loaders re-seed datasets): every draw here already follows
+        from ``(seed, epoch, index)``. Defining it also stops ``set_rnd`` from descending into the
+        albumentations pipeline, whose ``set_random_state`` has another signature."""
+        return self
 
     def __len__(self) -> int:
         return len(self.volumes) * self.per_volume
