@@ -56,7 +56,8 @@ def run(quick: bool) -> None:
         verdict = ""
         if target is not None:
             met = speed >= target and (size != 1024 or mem < 1.0)
-            verdict = ("met" if met else "NOT met") + f" (speed >= {target}x" + (", memory < 1x)" if size == 1024 else ")")
+            wanted = f"speed >= {target}x" + (", memory < 1x" if size == 1024 else "")
+            verdict = f"{'met' if met else 'NOT met'} ({wanted})"
         rows.append(
             [
                 f"{size}x{size}",
