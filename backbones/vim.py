@@ -240,27 +240,37 @@ class VimBlock(nn.Module):
         x = F.linear(h, w_x, b_x)  # (B, N, E); z is computed after the scans to keep memory low
         a = -torch.exp(mixer.A_logs.float()).view(k, e, -1).transpose(1, 2)  # (K, S, E)
         rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, batch * e))
-        y = x.new_zeros(batch, n, e, dtype=torch.float32)
+        identity = [bool(torch.equal(order, torch.arange(n, device=order.device))) for order in orders]
+        # Direction 0 normally visits the stream in its own order (the official sequence) and writes y.
+        y = (x.new_empty if identity[0] else x.new_zeros)(batch, n, e, dtype=torch.float32)
         for axis in range(half):
-            order = orders[axis]
-            identity = bool(torch.equal(order, torch.arange(n, device=order.device)))
-            seq = x if identity else x[:, order]  # (B, N, E) in this direction's order
+            order = None if identity[axis] else orders[axis]
+            seq = x if order is None else x[:, order]  # (B, N, E) in this direction's order
             for kk in (axis, axis + half):
-                self._scan_direction(seq, kk, kk >= half, a, rows, y, None if identity else order)
+                accumulate = kk > 0 or not identity[0]
+                self._scan_direction(seq, kk, kk >= half, a, rows, y, order, accumulate)
         del x
-        z = F.linear(h, w_z, b_z)
-        # (y / K) * silu(z), in place when no gradient is needed; 1/K is a power of two, so scaling last is exact.
-        if torch.is_grad_enabled():
-            y = y * F.silu(z) * (1.0 / k)
-        else:
-            y = y.mul_(F.silu(z, inplace=True)).mul_(1.0 / k)
-        return op.dropout(op.out_proj(y.to(op.out_proj.weight.dtype)))
+        grad = torch.is_grad_enabled()
+        z = F.silu(F.linear(h, w_z, b_z), inplace=not grad)
+        y = y * z if grad else y.mul_(z)
+        # out_proj((y / K) * silu(z)): 1/K is a power of two, so folding it into the weight gives the same bits.
+        out = F.linear(y.to(op.out_proj.weight.dtype), op.out_proj.weight * (1.0 / k), op.out_proj.bias)
+        return op.dropout(out)
 
     def _scan_direction(
-        self, seq: Tensor, kk: int, reverse: bool, a: Tensor, rows: int, y: Tensor, order: Tensor | None
+        self,
+        seq: Tensor,
+        kk: int,
+        reverse: bool,
+        a: Tensor,
+        rows: int,
+        y: Tensor,
+        order: Tensor | None,
+        accumulate: bool,
     ) -> None:
         """Scan direction ``kk`` over ``seq (B, N, E)`` (its forward twin's order; backwards if ``reverse``),
-        adding ``<C, h> + D u`` into ``y (B, N, E)`` at the stream rows ``order`` (identity if ``None``)."""
+        adding (or, unless ``accumulate``, writing) ``<C, h> + D u`` into ``y (B, N, E)`` at the stream rows
+        ``order`` (identity if ``None``)."""
         op, mixer = self.op, self.op.mixer
         batch, n, e = seq.shape
         width = op.conv.kernel_size[0]
@@ -296,8 +306,13 @@ class VimBlock(nn.Module):
                 u.unsqueeze(2), delta.unsqueeze(2), a[kk : kk + 1], b_in[:, :, None, None], c_out[:, :, None, None],
                 (index.flip(0) if reverse else index).unsqueeze(0), delta_bias=dt_bias, initial_state=state,
             )
+            if not accumulate and order is None and not torch.is_grad_enabled():
+                torch.addcmul(y_c, u.float(), d_skip.float(), out=y[:, start:stop])
+                continue
             y_c = torch.addcmul(y_c, u.float(), d_skip.float())
-            if order is None:
+            if not accumulate:  # only ever with order None (see mix_fused)
+                y[:, start:stop] = y_c
+            elif order is None:
                 y[:, start:stop] += y_c
             else:
                 y.index_add_(1, order[start:stop], y_c)
