@@ -12,11 +12,11 @@ from typing import Callable
 import torch
 
 from vmamba.ops import selective_scan, selective_scan_ref
-from vmamba.ops.fused import fused_selective_scan, fused_status, use_fused
+from vmamba.ops.fused import ScanBackend, forced_scan_backend, fused_status, use_fused
 
 from .common import format_ratio, print_table, time_interleaved
 
-SHAPES = [(1, 192, 16, 3136), (1, 384, 1, 3136)]  # (B, D, N, L)
+SHAPES = [(1, 192, 16, 3136), (1, 384, 1, 3136), (1, 384, 16, 4096)]  # (B, D, N, L); the last is the fused-kernel target shape
 QUICK_LENGTH = 400
 
 
@@ -51,6 +51,16 @@ def _forward_backward(fn: Callable[..., torch.Tensor], inputs: dict[str, torch.T
     return call
 
 
+def _under(backend: ScanBackend, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with :func:`selective_scan` pinned to one backend (the default would pick the fused kernel)."""
+
+    def call() -> object:
+        with forced_scan_backend(backend):
+            return fn()
+
+    return call
+
+
 def run(quick: bool) -> None:
     repeats = 2 if quick else 5
     fused = use_fused(torch.zeros(1))
@@ -61,21 +71,22 @@ def run(quick: bool) -> None:
         fwd_in, bwd_in = _inputs(batch, dim, d_state, length, False), _inputs(batch, dim, d_state, length, True)
         fns = {
             "loop fwd": _forward(selective_scan_ref, fwd_in),
-            "chunked fwd": _forward(selective_scan, fwd_in),
+            "chunked fwd": _under(ScanBackend.TORCH, _forward(selective_scan, fwd_in)),
             "loop fwd+bwd": _forward_backward(selective_scan_ref, bwd_in),
-            "chunked fwd+bwd": _forward_backward(selective_scan, bwd_in),
+            "chunked fwd+bwd": _under(ScanBackend.TORCH, _forward_backward(selective_scan, bwd_in)),
         }
         if fused:
-            fns["fused fwd"] = _forward(fused_selective_scan, fwd_in)
-            fns["fused fwd+bwd"] = _forward_backward(fused_selective_scan, bwd_in)
+            fns["fused fwd"] = _under(ScanBackend.FUSED, _forward(selective_scan, fwd_in))
+            fns["fused fwd+bwd"] = _under(ScanBackend.FUSED, _forward_backward(selective_scan, bwd_in))
         timings = time_interleaved(fns, repeats=repeats)
         for kind in ("fwd", "fwd+bwd"):
             loop, chunked = timings[f"loop {kind}"].median, timings[f"chunked {kind}"].median
             row = [shape, kind, f"{loop * 1e3:.1f}", f"{chunked * 1e3:.2f}", format_ratio(loop, chunked)]
             if fused:
-                row.append(format_ratio(loop, timings[f"fused {kind}"].median))
+                fused_time = timings[f"fused {kind}"].median
+                row += [format_ratio(loop, fused_time), format_ratio(chunked, fused_time)]
             rows.append(row)
-    header = ["shape", "pass", "loop ms", "chunked ms", "chunked speed-up"] + (["fused speed-up"] if fused else [])
+    header = ["shape", "pass", "loop ms", "chunked ms", "chunked speed-up"] + (["fused speed-up", "fused / chunked"] if fused else [])
     title = "Selective scan: chunked (pure PyTorch) vs loop reference, float32"
     print_table(title + (", quick sizes" if quick else ""), header, rows)
     print(f"\nfused kernels: {fused_status()}")
