@@ -226,4 +226,21 @@ def test_timeout_skips_larger_sizes_and_report_says_why(tmp_path: Path, monkeypa
     text = (tmp_path / "results.md").read_text()
     assert "- slow @ 64: n/a, timed out after 1 s at 64" in text
     assert "- slow accuracy" not in text and "| slow | 0.001 | 32 |" in text
+    assert "| fast | 0.001 | 32 | 50 | 1 | 0.5 | 0.5 | 0.5 |" in text  # top-1, train s, exponents
     assert not (tmp_path / "accuracy_vs_flops.png").exists()  # accuracy was off
+
+
+def test_cpu_attention_flops_are_counted() -> None:
+    """timm's attention runs PyTorch's CPU flash kernel; its FLOPs must count (2 bmm of 2*L*L*D per head)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tasks.compare.models import register_our_models
+
+    register_our_models()
+    q = torch.randn(2, 3, 50, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 50 * 50 * 8)
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() > 0

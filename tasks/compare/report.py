@@ -144,7 +144,7 @@ def markdown_tables(result: CompareResult) -> str:
     header = ["Model", "Params (M)", f"GMACs @{ref}{passes}"]
     if has_accuracy:
         header += [metric_title(k) for k in [metric_key] + extra_metrics] + ["Train (s)"]
-    header += ["Time exp.", "Memory exp."]
+    header += ["Time exp.", "Memory exp.", "FLOPs exp."]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for m in result.models:
         row = [m.label, _fmt(None if m.params is None else m.params / 1e6),
@@ -154,7 +154,7 @@ def markdown_tables(result: CompareResult) -> str:
             metrics = acc.metrics if acc is not None and acc.ok else {}
             row += [_fmt(metrics.get(metric_key), 4)] + [_fmt(metrics.get(k), 4) for k in extra_metrics]
             row += [_fmt(acc.train_seconds if acc is not None else None)]
-        row += [_fmt(m.time_exponent, 2), _fmt(m.memory_exponent, 2)]
+        row += [_fmt(m.time_exponent, 2), _fmt(m.memory_exponent, 2), _fmt(m.flops_exponent, 2)]
         lines.append("| " + " | ".join(row) + " |")
     unit = "volumes" if speed.spatial_dims == 3 else "images"
     sections = ["\n".join(lines)]
@@ -365,8 +365,8 @@ def write_report(result: CompareResult, out_dir: Path) -> list[Path]:
         f"Settings: {_settings_line(cfg)}.",
         "GMACs = FLOPs / 2, FLOPs counted by torch's FlopCounterMode with the scan formulas registered. "
         + (f"Memory: peak above the child process's baseline after imports, model build and warm-up "
-           f"({'; '.join(result.memory_methods)}). Growth exponents: least-squares slope of log(step time) and "
-           f"log(peak memory) against log(tokens = (resolution / {cfg.speed.token_stride})^{cfg.speed.spatial_dims})."
+           f"({'; '.join(result.memory_methods)}). Growth exponents: least-squares slope of log(step time), "
+           f"log(peak memory) and log(FLOPs) against log(tokens = (resolution / {cfg.speed.token_stride})^{cfg.speed.spatial_dims})."
            if cfg.speed.enabled else "Speed and memory were not measured (speed.enabled: false)."),
         "",
         markdown_tables(result),

@@ -71,3 +71,32 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def _register_cpu_attention() -> None:
+    """Count ``scaled_dot_product_attention`` on CPU too.
+
+    PyTorch's counter knows only the CUDA attention kernels; the CPU flash kernel (what timm's ViT, DeiT,
+    Swin and Vim-style attention run on a CPU) would count zero, understating their FLOPs and hiding the
+    quadratic growth. The formulas are PyTorch's own for the CUDA kernels; skipped if PyTorch adds them.
+    """
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in flop_registry:
+
+        def forward_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+            return sdpa_flop_count(query, key, value)
+
+        register_flop_formula(forward)(forward_flops)
+    if backward is not None and backward not in flop_registry:
+
+        def backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None,
+                           **kwargs: Any) -> int:
+            return sdpa_backward_flop_count(grad_out, query, key, value)
+
+        register_flop_formula(backward)(backward_flops)
+
+
+_register_cpu_attention()
