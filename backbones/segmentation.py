@@ -32,6 +32,7 @@ measures both side by side.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -63,6 +64,13 @@ def _channels_last(x: Tensor) -> Tensor:
 
 def _channels_first(x: Tensor) -> Tensor:
     return x.movedim(-1, 1)
+
+
+def _channels_last_strided(w: Tensor) -> Tensor:
+    """A copy of a conv weight ``(O, I, *k)`` laid out channels-last: strides ``(I * prod(k), 1, ..., I)``."""
+    out_ch, in_ch, *kernel = w.shape
+    strides = [in_ch * math.prod(kernel), 1] + [in_ch * math.prod(kernel[j + 1:]) for j in range(len(kernel))]
+    return torch.empty_strided(w.shape, strides, dtype=w.dtype, device=w.device).copy_(w)
 
 
 def padding_for(size: Sequence[int]) -> list[int]:
@@ -302,7 +310,16 @@ class VMambaUNet(nn.Module):
         self.memory_format = (torch.channels_last_3d if spatial_dims == 3 else torch.channels_last) if channels_last \
             else torch.contiguous_format
         if channels_last:
-            self.to(memory_format=self.memory_format)  # only the (2+N)-d conv weights change layout
+            # Weights get exactly the strides their gradients come back with, since DDP's gradient buckets
+            # follow the weights: channels-last for every kernel wider than one voxel (depthwise ones included,
+            # whose size-1 channel axis ``contiguous(memory_format=...)`` would leave alone) and for the
+            # one-voxel kernels that read the channels-last encoder maps; the decoder's other one-voxel kernels
+            # receive contiguous maps and keep contiguous weights.
+            reads_encoder = {id(m) for part in (self.encoder, self.skips, self.bottleneck) for m in part.modules()}
+            for module in self.modules():
+                if isinstance(module, nn.modules.conv._ConvNd) and (
+                        math.prod(module.kernel_size) > 1 or id(module) in reads_encoder):
+                    module.weight.data = _channels_last_strided(module.weight.data)
 
     # -- surface ----------------------------------------------------------------------------------------
 

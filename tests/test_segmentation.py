@@ -317,3 +317,21 @@ def test_config_cross_checks() -> None:
 def test_recipes_load_and_check(recipe: str) -> None:
     cfg = load_config(SegmentationConfig, resolve_config_path(recipe))
     cfg.check()
+
+
+def test_config_starts_a_2d_encoder_from_a_vmamba_checkpoint(tmp_path) -> None:
+    from backbones.vmamba import VSSM
+    from tasks.segmentation.engine import build_model
+
+    source = VSSM(in_chans=3, num_classes=5, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16), ssm_ratio=1.0, d_state=1)
+    torch.save({"model": source.state_dict()}, tmp_path / "vmamba.pth")
+    cfg = load_config(SegmentationConfig, None, [
+        "model.spatial_dims=2", "model.in_channels=3", "model.dims=[8, 16, 16, 16]", "model.depths=[1, 1, 1, 1]",
+        f"model.encoder_checkpoint={tmp_path / 'vmamba.pth'}", "transforms.roi_size=[64, 64]"])
+    cfg.check()
+    model = build_model(cfg.model)
+    for key, value in source.state_dict().items():
+        if key.startswith(("stem.", "stages.")):
+            torch.testing.assert_close(model.encoder.state_dict()[key], value, msg=key)
+    with pytest.raises(ConfigError, match="needs model.spatial_dims=2"):
+        load_config(SegmentationConfig, None, ["model.encoder_checkpoint=x.pth"]).check()

@@ -79,6 +79,13 @@ def test_grad_checkpointing_and_memory_format_keep_the_numbers() -> None:
     for name, grad in outs[0][1].items():
         torch.testing.assert_close(grad, outs[1][1][name], atol=1e-5, rtol=1e-3, msg=name)
     assert other.grad_checkpointing and all(s.grad_checkpointing for s in other.encoder.stages)
+    # DDP copies gradients into buckets laid out like the weights: gradients must come back in the weights'
+    # memory layout (strides of size-1 axes carry no layout and are ignored)
+    def layout(t: torch.Tensor) -> tuple[int, ...]:
+        return tuple(st for sz, st in zip(t.shape, t.stride()) if sz > 1)
+
+    mismatched = [n for n, p in other.named_parameters() if p.grad is not None and layout(p) != layout(p.grad)]
+    assert not mismatched
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -32,15 +32,17 @@ def plain(t: Any) -> Tensor:
     return t.as_subclass(Tensor) if isinstance(t, Tensor) else torch.as_tensor(t)
 
 
-def build_model(cfg: ModelConfig) -> VMambaUNet:
-    """The :class:`~backbones.segmentation.VMambaUNet` a config describes (encoder checkpoint loaded, if any)."""
+def build_model(cfg: ModelConfig, load_encoder_checkpoint: bool = True) -> VMambaUNet:
+    """The :class:`~backbones.segmentation.VMambaUNet` a config describes; the encoder starts from
+    ``cfg.encoder_checkpoint`` when one is set and ``load_encoder_checkpoint`` (False when trained weights are
+    loaded next anyway)."""
     model = VMambaUNet(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels, spatial_dims=cfg.spatial_dims,
         depths=tuple(cfg.depths), dims=tuple(cfg.dims), feature_size=cfg.feature_size, mixer=cfg.mixer,
         mixer_kwargs=dict(cfg.mixer_kwargs), d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio, mlp_ratio=cfg.mlp_ratio,
         drop_path_rate=cfg.drop_path_rate, norm_name=cfg.norm_name, grad_checkpointing=cfg.grad_checkpointing,
     )
-    if cfg.encoder_checkpoint:
+    if cfg.encoder_checkpoint and load_encoder_checkpoint:
         model.load_encoder_checkpoint(cfg.encoder_checkpoint)
     return model
 

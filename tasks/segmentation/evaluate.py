@@ -61,7 +61,7 @@ def evaluate(cfg: SegmentationConfig, checkpoint: str | Path, class_names: list[
         ensure_builtin_data(cfg, ctx)
         cases = _cases(cfg, split)
         check_cases(cases, cfg.model.in_channels)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, load_encoder_checkpoint=False)
         load_model_weights(model, checkpoint)
         model.to(ctx.device)
         shard = partition_dataset(cases, num_partitions=ctx.world_size, shuffle=False, even_divisible=False)[ctx.rank] \

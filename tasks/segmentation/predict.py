@@ -85,7 +85,7 @@ def predict(cfg: SegmentationConfig, checkpoint: str | Path, inputs: Sequence[st
         if channels != cfg.model.in_channels:
             raise DatasetError(f"input {f} has {channels} channel(s) (shape {originals[f].shape}); the network "
                                f"expects model.in_channels={cfg.model.in_channels}")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, load_encoder_checkpoint=False)
     load_model_weights(model, checkpoint)
     model.to(device).eval()
     pre = predict_transforms(cfg)
@@ -141,9 +141,7 @@ def run(argv: list[str] | None = None) -> list[Path]:
     cfg, names = config_from_checkpoint(args.checkpoint, args.config, overrides)
     inputs = list(args.input)
     if args.list:
-        from tasks.common.distributed import DistContext
-
-        ensure_builtin_data(cfg, DistContext(0, 1, 0, torch.device("cpu")))
+        ensure_builtin_data(cfg)
         inputs += [c["image"] for c in load_test_images(Path(cfg.data.root) / cfg.data.dataset_json, args.list)]
     written = predict(cfg, args.checkpoint, inputs, args.output, names, overlay=args.overlay)
     for path in written:

@@ -123,10 +123,11 @@ def metric_key(name: str) -> str:
 # ------------------------------------------------------------------------------------------------- data
 
 
-def ensure_builtin_data(cfg: SegmentationConfig, ctx: DistContext) -> None:
-    """Write the built-in data set into ``data.root`` when asked to and missing (rank 0; others wait)."""
+def ensure_builtin_data(cfg: SegmentationConfig, ctx: DistContext | None = None) -> None:
+    """Write the built-in data set into ``data.root`` when asked to and missing (rank 0; others wait).
+    ``ctx`` None: a single process."""
     if cfg.data.builtin is BuiltinData.MNI152_TISSUE:
-        if ctx.is_main:
+        if ctx is None or ctx.is_main:
             from tasks.segmentation.mni152 import Mni152TissueSpec, build_mni152_tissue
 
             try:
@@ -134,7 +135,8 @@ def ensure_builtin_data(cfg: SegmentationConfig, ctx: DistContext) -> None:
             except TypeError as e:
                 raise ConfigError(f"data.build_kwargs does not fit the MNI152 builder: {e}") from None
             build_mni152_tissue(cfg.data.root, spec)
-        barrier(ctx)
+        if ctx is not None:
+            barrier(ctx)
 
 
 def prepare_data(cfg: SegmentationConfig, ctx: DistContext) -> tuple[list[dict], list[dict], list[str]]:
@@ -298,7 +300,7 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
         files = RunFiles(Path(cfg.train.output_dir))
         _check_run_folder(files, bool(resume))
         torch.manual_seed(cfg.train.seed)  # model initialisation: the same on every process
-        model = build_model(cfg.model).to(ctx.device)
+        model = build_model(cfg.model, load_encoder_checkpoint=not resume).to(ctx.device)
         train_cases, val_cases, class_names = prepare_data(cfg, ctx)
         data = _build_data(cfg, ctx, train_cases, val_cases)
         ddp_model: nn.Module = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
@@ -415,7 +417,7 @@ def run(argv: list[str] | None = None) -> TrainSummary:
     if env_rank() == 0 and summary.best is not None:
         best = summary.best
         print(f"done: {summary.epochs_done}/{summary.total_epochs} epochs in {summary.seconds:.0f} s "
-              f"({summary.cpu_seconds:.0f} s CPU over {torch.get_num_threads()} threads) -> {summary.output_dir}")
+              f"({summary.cpu_seconds:.0f} s CPU, {torch.get_num_threads()} thread(s)) -> {summary.output_dir}")
         print(f"best validation (epoch {best['epoch']}):")
         for name in summary.class_names[1:]:
             key = metric_key(name)
