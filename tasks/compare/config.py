@@ -217,3 +217,5 @@ def validate_config(cfg: CompareConfig, where: str = "config") -> None:
     for spec in cfg.models:
         if cfg.task is Task.CLASSIFICATION and spec.source not in (None, ModelSource.TIMM):
             raise ValueError(f"{where}: model {spec.name!r}: classification models come from timm, not {spec.source.value}")
+        if cfg.task is Task.SEGMENTATION and spec.source is ModelSource.TIMM:
+            raise ValueError(f"{where}: model {spec.name!r}: segmentation models come from monai or backbones, not timm")
