@@ -335,3 +335,15 @@ def test_config_starts_a_2d_encoder_from_a_vmamba_checkpoint(tmp_path) -> None:
             torch.testing.assert_close(model.encoder.state_dict()[key], value, msg=key)
     with pytest.raises(ConfigError, match="needs model.spatial_dims=2"):
         load_config(SegmentationConfig, None, ["model.encoder_checkpoint=x.pth"]).check()
+
+
+def test_another_network_trains_with_the_same_recipe(data_root, tmp_path) -> None:
+    from monai.networks.nets import UNet
+
+    from tasks.segmentation.engine import config_from_checkpoint
+
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
+    summary = train(tiny_config(data_root, tmp_path / "unet", "train.epochs=1", "eval.hd95=false"), network=net)
+    assert summary.best is not None and summary.last["epoch"] == 1
+    with pytest.raises(ValueError, match="holds a UNet; evaluate / predict rebuild VMambaUNet only"):
+        config_from_checkpoint(tmp_path / "unet" / "best.safetensors")

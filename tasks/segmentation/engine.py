@@ -202,10 +202,12 @@ def evaluate_cases(
 
 
 def weights_metadata(cfg: SegmentationConfig, class_names: Sequence[str], epoch: int,
-                     metrics: Mapping[str, float] | None = None) -> dict[str, str]:
-    """String metadata stored in the safetensors header: the full config, class names, epoch, metrics."""
+                     metrics: Mapping[str, float] | None = None, network: str = "VMambaUNet") -> dict[str, str]:
+    """String metadata stored in the safetensors header: the full config, class names, epoch, metrics and
+    the network's class name."""
     return {"config": yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "class_names": json.dumps(list(class_names)),
-            "epoch": str(epoch), "metrics": json.dumps(dict(metrics or {})), "format": "vmamba-seg/1"}
+            "epoch": str(epoch), "metrics": json.dumps(dict(metrics or {})), "network": network,
+            "format": "vmamba-seg/1"}
 
 
 def config_from_checkpoint(checkpoint: str | Path, config: str | Path | None = None,
@@ -221,6 +223,8 @@ def config_from_checkpoint(checkpoint: str | Path, config: str | Path | None = N
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     meta = read_weights_metadata(checkpoint)
+    if meta.get("network", "VMambaUNet") != "VMambaUNet":
+        raise ValueError(f"{checkpoint} holds a {meta['network']}; evaluate / predict rebuild VMambaUNet only")
     if config is not None:
         cfg = load_config(SegmentationConfig, resolve_config_path(config), overrides)
     elif "config" in meta:

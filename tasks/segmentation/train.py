@@ -210,7 +210,8 @@ def _seed_epoch(cfg: SegmentationConfig, epoch: int, ctx: DistContext, data: _Da
 
 
 def _optimizer(cfg: SegmentationConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=skip)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
@@ -271,7 +272,8 @@ def _check_run_folder(files: RunFiles, resume: bool) -> None:
 def _save_checkpoints(cfg: SegmentationConfig, files: RunFiles, model: nn.Module, optimizer, scheduler, scaler,
                       epoch: int, best: dict[str, Any] | None, class_names: list[str],
                       metrics: dict[str, float] | None) -> None:
-    save_weights(files.last, model.state_dict(), weights_metadata(cfg, class_names, epoch + 1, metrics))
+    save_weights(files.last, model.state_dict(), weights_metadata(cfg, class_names, epoch + 1, metrics,
+                                                                  type(model).__name__))
     save_state(files.state, {
         "epoch": epoch + 1,
         "optimizer": optimizer.state_dict(),
@@ -282,9 +284,14 @@ def _save_checkpoints(cfg: SegmentationConfig, files: RunFiles, model: nn.Module
     })
 
 
-def train(cfg: SegmentationConfig, resume: bool | str | None = None,
-          stop_after_epoch: int | None = None) -> TrainSummary:
+def train(cfg: SegmentationConfig, resume: bool | str | None = None, stop_after_epoch: int | None = None,
+          network: nn.Module | None = None) -> TrainSummary:
     """Train per ``cfg``; ``resume`` continues from ``OUTPUT/last_state.pt`` (True) or a given state file.
+
+    ``network`` replaces the :class:`~backbones.segmentation.VMambaUNet` that ``cfg.model`` describes with
+    any segmentation module taking ``(B, in_channels, *roi)`` to ``(B, out_channels, *roi)`` (MONAI's
+    SwinUNETR / UNETR in comparisons at equal recipe and budget); ``cfg.model`` still gives the channel
+    counts, and the weights files name the network's class (evaluate / predict rebuild only VMambaUNet).
 
     Raises:
         ConfigError / DatasetError / FileNotFoundError / ValueError: bad configuration or data, before any
@@ -300,7 +307,8 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
         files = RunFiles(Path(cfg.train.output_dir))
         _check_run_folder(files, bool(resume))
         torch.manual_seed(cfg.train.seed)  # model initialisation: the same on every process
-        model = build_model(cfg.model, load_encoder_checkpoint=not resume).to(ctx.device)
+        model = (network if network is not None else build_model(cfg.model, load_encoder_checkpoint=not resume))
+        model = model.to(ctx.device)
         train_cases, val_cases, class_names = prepare_data(cfg, ctx)
         data = _build_data(cfg, ctx, train_cases, val_cases)
         ddp_model: nn.Module = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
@@ -329,7 +337,8 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
             save_config(cfg, files.config)
             log.truncate_after("epoch", start_epoch)
             params = sum(p.numel() for p in model.parameters())
-            print(f"VMambaUNet {cfg.model.spatial_dims}-D, {params / 1e6:.2f}M parameters, mixer {cfg.model.mixer}; "
+            what = f"mixer {cfg.model.mixer}" if network is None else "given network"
+            print(f"{type(model).__name__} {cfg.model.spatial_dims}-D, {params / 1e6:.2f}M parameters, {what}; "
                   f"{len(train_cases)} training / {len(val_cases)} validation cases; {steps} steps per epoch on "
                   f"{ctx.world_size} process(es), device {ctx.device}", flush=True)
         last_row: dict[str, float] = {}
@@ -351,7 +360,7 @@ def train(cfg: SegmentationConfig, resume: bool | str | None = None,
                     best = {"epoch": epoch + 1, **metrics}
                     if ctx.is_main:
                         save_weights(files.best, model.state_dict(),
-                                     weights_metadata(cfg, class_names, epoch + 1, metrics))
+                                     weights_metadata(cfg, class_names, epoch + 1, metrics, type(model).__name__))
             if ctx.is_main:
                 _save_checkpoints(cfg, files, model, optimizer, scheduler, scaler, epoch, best, class_names, metrics)
                 log.append(row)
