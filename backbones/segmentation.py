@@ -28,7 +28,8 @@ from an official VMamba ImageNet checkpoint through that model's ``checkpoint_fi
 Default sizes (``dims=(48, 96, 192, 384)``, ``depths=(2, 2, 2, 2)``, ``feature_size=24``, ``ssm_ratio=1``,
 ``d_state=1``) were chosen so that one forward+backward pass on a 96^3 patch is no slower than
 ``SwinUNETR(feature_size=48)`` and peaks at <= 0.7x its memory; ``python -m tasks.benchmark segmentation``
-measures both side by side.
+measures both side by side (provisional, 2 shared CPU threads, fp32, 14 classes: 0.47x SwinUNETR's
+forward+backward time and 0.32x its peak memory, 22.5M vs 62.2M parameters).
 """
 from __future__ import annotations
 
