@@ -315,7 +315,8 @@ class VMambaUNet(nn.Module):
             # follow the weights: channels-last for every kernel wider than one voxel (depthwise ones included,
             # whose size-1 channel axis ``contiguous(memory_format=...)`` would leave alone) and for the
             # one-voxel kernels that read the channels-last encoder maps; the decoder's other one-voxel kernels
-            # receive contiguous maps and keep contiguous weights.
+            # receive contiguous maps and keep contiguous weights. (A map with size-1 axes can still bring a
+            # gradient whose strides differ on those axes only: the same memory layout, a harmless DDP notice.)
             reads_encoder = {id(m) for part in (self.encoder, self.skips, self.bottleneck) for m in part.modules()}
             for module in self.modules():
                 if isinstance(module, nn.modules.conv._ConvNd) and (

@@ -347,3 +347,23 @@ def test_another_network_trains_with_the_same_recipe(data_root, tmp_path) -> Non
     assert summary.best is not None and summary.last["epoch"] == 1
     with pytest.raises(ValueError, match="holds a UNet; evaluate / predict rebuild VMambaUNet only"):
         config_from_checkpoint(tmp_path / "unet" / "best.safetensors")
+
+
+def test_ddp_under_torchrun_shards_and_reduces(data_root, tmp_path) -> None:
+    from tasks.common.config import save_config
+    from tasks.segmentation.engine import config_from_checkpoint
+
+    cfg = tiny_config(data_root, tmp_path / "ddp", "train.epochs=1", "train.threads=1", "eval.overlay=false")
+    save_config(cfg, tmp_path / "ddp.yaml")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "tasks.segmentation.train", "--config", str(tmp_path / "ddp.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 steps per epoch on 2 process(es)" in out.stdout  # 4 training cases, one per process per step
+    # the validation cases were split over the processes and their metric sums reduced: scoring the written
+    # weights in one process must give the same mean Dice
+    checkpoint = tmp_path / "ddp" / "best.safetensors"
+    ddp_dice = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["best"]["mean_dice"]
+    single, names = config_from_checkpoint(checkpoint, overrides=["train.threads=1"])
+    assert evaluate(single, checkpoint, names, "validation", tmp_path / "eval").means["mean_dice"] == \
+        pytest.approx(ddp_dice, abs=1e-6)
