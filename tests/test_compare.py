@@ -244,3 +244,56 @@ def test_cpu_attention_flops_are_counted() -> None:
     with FlopCounterMode(display=False) as counter:
         out.sum().backward()
     assert counter.get_total_flops() > 0
+
+
+def _write_decathlon(root: Path, cases: int = 3, size: int = 32) -> Path:
+    """Synthetic spheres (labels 0, 1, 2) as NIfTI in the Decathlon layout: 2 training, 1 validation case."""
+    import nibabel as nib
+    from monai.data import create_test_image_3d
+
+    entries = []
+    for i in range(cases):
+        image, seg = create_test_image_3d(size, size, size, num_objs=4, rad_max=8, rad_min=4, noise_max=0.2,
+                                          num_seg_classes=2, random_state=np.random.RandomState(i))
+        for folder, array, dtype in (("imagesTr", image, np.float32), ("labelsTr", seg, np.uint8)):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(array.astype(dtype), np.eye(4)), root / folder / f"case{i}.nii.gz")
+        entries.append({"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"})
+    data = {"name": "spheres", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "dim", "2": "bright"},
+            "training": entries[:-1], "validation": entries[-1:]}
+    (root / "dataset.json").write_text(json.dumps(data))
+    return root
+
+
+def test_segmentation_accuracy_for_ours_and_monai(tmp_path: Path) -> None:
+    """Dice and HD95 for our VMambaUNet (through the recipe) and MONAI's UNETR (handed to the job) alike."""
+    data = _write_decathlon(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = config_from_dict({
+        "task": "segmentation",
+        "models": [
+            {"name": "VMambaUNet", "label": "ours", "kwargs": {"depths": [1, 1, 1, 1], "dims": [8, 16, 32, 64],
+                                                               "feature_size": 8}},
+            {"name": "UNETR", "label": "unetr", "kwargs": {"feature_size": 8, "hidden_size": 32, "mlp_dim": 64,
+                                                           "num_heads": 2}},
+        ],
+        "speed": {"enabled": False, "resolutions": [32], "in_chans": 1, "num_classes": 3, "spatial_dims": 3},
+        "accuracy": {"recipe": "mni152_tissue", "data": str(data), "overrides": {
+            "transforms.roi_size": [32, 32, 32], "transforms.num_samples": 1, "train.epochs": 1,
+            "train.val_every": 1, "optim.warmup_epochs": 0, "eval.sw_batch_size": 1}},
+        "output": str(out),
+    })
+    from tasks.compare.runner import run_compare
+
+    result = run_compare(cfg, progress=lambda _: None)
+    for model in result.models:
+        assert model.accuracy.ok, model.accuracy.reason
+        metrics = model.accuracy.metrics
+        assert 0 <= metrics["dice"] <= 1 and math.isfinite(metrics["hd95"])
+        assert {"dice_dim", "dice_bright"} <= set(metrics)
+        assert model.params > 0
+    with open(out / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["model"] for r in rows] == ["ours", "unetr"] and all(_finite(r["dice"]) for r in rows)
+    assert "Mean Dice" in (out / "results.md").read_text()
+    assert (out / "accuracy_vs_flops.png").is_file() and not (out / "throughput.png").exists()

@@ -157,7 +157,7 @@ def _segmentation(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[st
 
     Our ``VMambaUNet`` is described to the recipe through its ``model`` section (``spec.kwargs`` must be
     keys of that section); any other network (MONAI's SwinUNETR, UNETR) is built here with the recipe's
-    channels, dimensions and ROI and handed to the training job as ``model=``.
+    channels, dimensions and ROI and handed to the training job as ``network=``.
     """
     import dataclasses
     import inspect
@@ -181,14 +181,14 @@ def _segmentation(cfg: CompareConfig, spec: ModelSpec, run_dir: Path) -> dict[st
                              f"section ({sorted(known)})")
         for key, value in spec.kwargs.items():
             setattr(recipe.model, key, value)
-    elif "model" in inspect.signature(seg_train.train).parameters:
+    elif "network" in inspect.signature(seg_train.train).parameters:
         m = recipe.model
         torch.manual_seed(acc.seed)
-        extra["model"] = build_model(spec, Task.SEGMENTATION, resolution=tuple(recipe.transforms.roi_size),
+        extra["network"] = build_model(spec, Task.SEGMENTATION, resolution=tuple(recipe.transforms.roi_size),
                                      in_chans=m.in_channels, num_classes=m.out_channels, spatial_dims=m.spatial_dims)
     else:
         raise NotImplementedError(
-            "tasks.segmentation.train.train builds only VMambaUNet; training another network needs its model= "
+            "tasks.segmentation.train.train builds only VMambaUNet; training another network needs its network= "
             "argument")
     summary = seg_train.train(recipe, **extra)
     last = summary.last
