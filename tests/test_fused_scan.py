@@ -30,7 +30,7 @@ def _inputs(batch, dim, d_state, length, groups, dtype=torch.float32):
 @pytest.mark.parametrize(
     "batch, dim, d_state, length, groups",
     [(2, 16, 16, 37, None), (1, 8, 1, 1, None), (2, 12, 16, 13, 4), (2, 6, 3, 5, None), (1, 40, 1, 64, 2),
-     (3, 24, 4, 70, 3)],
+     (3, 24, 4, 70, 3), (1, 20, 1, 150, None), (2, 18, 16, 130, 2), (1, 33, 2, 65, None)],
 )
 @pytest.mark.parametrize("softplus", [True, False])
 def test_fused_matches_reference(batch, dim, d_state, length, groups, softplus):
@@ -53,11 +53,57 @@ def test_fused_matches_reference(batch, dim, d_state, length, groups, softplus):
         torch.testing.assert_close(fus_grad / scale, ref_grad / scale, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_fused_without_optional_inputs():
-    inputs = _inputs(2, 16, 4, 9, None)
-    out_r = selective_scan_ref(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], delta_softplus=True)
-    out_f = fused.fused_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], delta_softplus=True)
+@pytest.mark.parametrize("present", [(), ("D",), ("z",), ("delta_bias",), ("initial_state",), ("D", "z")])
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_fused_optional_inputs(present, d_state):
+    """Each optional input on its own (and none): outputs, last state and gradients match the loop."""
+    inputs = _inputs(2, 21, d_state, 80, None)
+    names = ("u", "delta", "A", "B", "C", *present)
+    ref_in = {k: inputs[k].clone().requires_grad_() for k in names}
+    fus_in = {k: inputs[k].clone().requires_grad_() for k in names}
+    out_r, last_r = selective_scan_ref(**ref_in, delta_softplus=True, return_last_state=True)
+    out_f, last_f = fused.fused_selective_scan(**fus_in, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_f, last_r, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(out_r)
+    grads_r = torch.autograd.grad((out_r * w).sum(), list(ref_in.values()))
+    grads_f = torch.autograd.grad((out_f * w).sum(), list(fus_in.values()))
+    for name, gr, gf in zip(names, grads_r, grads_f):
+        scale = gr.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(gf / scale, gr / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_softplus_extremes():
+    """Step sizes from very negative to very positive raw deltas (softplus and its derivative at both ends)."""
+    inputs = _inputs(1, 16, 4, 50, None)
+    inputs["delta"] = torch.linspace(-30.0, 30.0, 16 * 50).view(1, 16, 50)
+    inputs["A"] = -torch.rand(16, 4) * 0.05  # weak decay, so large steps keep the state finite
+    ref_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    fus_in = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out_r = selective_scan_ref(**ref_in, delta_softplus=True)
+    out_f = fused.fused_selective_scan(**fus_in, delta_softplus=True)
+    scale = out_r.abs().max()
+    torch.testing.assert_close(out_f / scale, out_r / scale, rtol=1e-5, atol=1e-5)
+    out_r.sum().backward()
+    out_f.sum().backward()
+    for name in ("delta", "u", "A"):
+        gr, gf = ref_in[name].grad, fus_in[name].grad
+        g_scale = gr.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(gf / g_scale, gr / g_scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_half_inputs_run_in_float32():
+    inputs = _inputs(1, 16, 4, 20, None)
+    out_f = fused.fused_selective_scan(**{k: v.bfloat16() for k, v in inputs.items()}, delta_softplus=True)
+    out_r = selective_scan_ref(**{k: v.bfloat16().float() for k, v in inputs.items()}, delta_softplus=True)
+    assert out_f.dtype == torch.bfloat16
+    torch.testing.assert_close(out_f.float(), out_r, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_rejects_groups_that_do_not_divide_channels():
+    inputs = _inputs(1, 10, 2, 5, 3)
+    with pytest.raises(ValueError, match="groups"):
+        fused.fused_selective_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"])
 
 
 @pytest.mark.parametrize("pattern, spatial", [("cross2d", (5, 7)), ("cross2d", (1, 4)), ("bi1d", (11,)), ("cross3d", (2, 3, 4))])

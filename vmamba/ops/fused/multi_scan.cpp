@@ -1,22 +1,32 @@
-// Fused CPU selective scan over K directions of a shared map, merged in place.
+// Fused CPU selective scans: one recurrence core, two memory layouts.
 //
-// Layout (all float32, contiguous, "map" rows p = 0..L-1, channels d contiguous):
-//   u      (B, L, Ku, D)      input; Ku = 1 (shared by every direction) or K (one per direction)
-//   delta  (B, L, K, D)       raw dt per direction (bias / softplus applied here)
-//   A      (K, N, D)          negative decay rates
-//   Bm, Cm (B, L, K, G, N)    input / output projections, group g serves channels g*D/G..(g+1)*D/G-1
-//   bias   (K, D)             dt bias (may be empty)
-//   h0     (B, K, N, D)       initial state (may be empty)
-//   index  (K, L) int64      direction k visits map row index[k][t] at step t
-// Output:
-//   y      (B, L, D)          sum over k of <C, h> at each row (no D skip, no gate: the caller adds them)
-//   hT     (B, K, N, D)       last state of every direction
+// Work is split over (batch item, block of W channels); a task owns its channels for the whole sequence
+// (every direction), so nothing needs atomics. A task walks the sequence in tiles of TILE steps: it stages
+// a tile's inputs into small thread-local buffers (lanes = channels, cache resident), computes the step
+// sizes of the whole tile at once (independent work, so it pipelines), runs the sequential recurrence on
+// the buffers, and writes the tile's results back. Only staging differs between the layouts:
 //
-// Work is split over (batch, block of W channels); each task owns its channels for every direction, so
-// the merge needs no atomics. exp / softplus are branch-free so the lane loops vectorise.
+// * MapLayout (`multi_forward` / `multi_backward`): K directions of one map, merged in place.
+//     u      (B, L, Ku, D)      input; Ku = 1 (shared by every direction) or K (one per direction)
+//     delta  (B, L, K, D)       raw dt per direction (bias / softplus applied here)
+//     A      (K, N, D)          negative decay rates
+//     Bm, Cm (B, L, K, G, N)    group g serves channels g*D/G..(g+1)*D/G-1
+//     bias   (K, D)             dt bias (may be empty);  h0, hT (B, K, N, D)
+//     index  (K, L) int64       direction k visits map row index[k][t] at step t
+//     y      (B, L, D)          sum over k of <C, h> (no D skip, no gate: the caller adds them)
+//   Channels per group must be a multiple of W (the caller zero-pads).
+//
+// * SeqLayout (`selective_forward` / `selective_backward`): mamba-ssm's selective_scan_fn layout, read and
+//   written in place (no transposed or padded copies; each tile is transposed through the stage buffers),
+//   with the D skip and the silu(z) gate (and their gradients) fused.
+//     u, delta, z, y (B, D, L);  A (D, N);  Bm, Cm (B, G, N, L);  D, bias (D);  h0, hT (B, D, N)
+//   Any channel count: a group's last block has idle lanes that are staged as zeros and never written.
+//
+// exp / log are branch-free polynomials so the lane loops vectorise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,6 +44,10 @@ namespace {
 #endif
 #endif
 constexpr int W = VMAMBA_LANES;
+constexpr int MAX_N = 64;
+// Steps per tile: the backward keeps a tile's states ((TILE + 1) * N vectors) in L2 instead of the whole
+// sequence's, and the staged inputs of a tile stay in L1.
+constexpr int TILE = 64;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -88,133 +102,435 @@ inline vf vlog_1_2(vf m) {
   return big ? y + 0.693147180559945f : y;
 }
 
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)), with Kahan's log1p trick for full relative accuracy.
+// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]. log1p without a division: w = 1 + e rounds
+// by c = e - (w - 1) (exact, Sterbenz), and log1p(e) = log(w) + c / w + O(c^2); |c| <= 2^-24 and
+// c / w = c - c e / w, so adding c alone errs by at most 2^-24 relative to log1p(e).
 inline vf vsoftplus(vf x) {
   const vf e = vexp(-vmax(x, -x));
   const vf w = e + 1.0f;
-  const vf den = w - 1.0f;
-  const vf safe = den == 0.0f ? splat(1.0f) : den;
-  const vf l1p = den == 0.0f ? e : vlog_1_2(w) * (e / safe);
-  return vmax(x, splat(0.0f)) + l1p;
+  const vf c = e - (w - 1.0f);
+  return vmax(x, splat(0.0f)) + (vlog_1_2(w) + c);
 }
 
-struct Dims {
-  int64_t B, L, K, Ku, D, G, N, blocks;
-  // Offset of (row, direction k) in u / du.
-  int64_t u_at(int64_t row, int64_t k) const { return (row * Ku + (Ku == 1 ? 0 : k)) * D; }
+// d softplus(x) / dx = sigmoid(x), from e = exp(-|x|) without cancellation.
+inline vf vsigmoid(vf x) {
+  const vf e = vexp(-vmax(x, -x));
+  const vf r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
+}
+
+// Per-thread staging buffers for one tile (lane-major: element (t, lane) at t * W + lane).
+struct Stage {
+  alignas(64) float x[TILE * W];      // u
+  alignas(64) float dt[TILE * W];     // raw delta, then the step size
+  alignas(64) float sig[TILE * W];    // d dt / d delta
+  alignas(64) float y[TILE * W];      // <C, h>, then the layout's output
+  alignas(64) float gy[TILE * W];     // d loss / d <C, h>
+  alignas(64) float du[TILE * W];     // d loss / d u (scan part)
+  alignas(64) float ddt[TILE * W];    // d loss / d delta
+  std::vector<float> Bt, Ct;          // (TILE, N)
+  std::vector<float> dBt, dCt;        // (TILE, N)
+  std::vector<vf> hs;                 // (TILE + 1, N) states of the tile (backward)
+  std::vector<vf> marks;              // (tiles, N) state before each tile (backward)
+  void reserve(int64_t N, int64_t L) {
+    Bt.resize(TILE * N);
+    Ct.resize(TILE * N);
+    dBt.resize(TILE * N);
+    dCt.resize(TILE * N);
+    hs.resize((TILE + 1) * N);
+    marks.resize(((L + TILE - 1) / TILE) * N);
+  }
 };
 
-// Step sizes of one row for one direction: dt = softplus(delta + bias) (or delta + bias).
-inline vf step_size(const Dims& s, const float* delta, const float* bias, int64_t row, int64_t k, int64_t d0,
-                    bool softplus) {
-  vf x = loadv(delta + (row * s.K + k) * s.D + d0);
-  if (bias) x += loadv(bias + k * s.D + d0);
-  return softplus ? vsoftplus(x) : x;
-}
-
-void forward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const float* delta, const float* A,
-                  const float* Bm, const float* Cm, const float* bias, const float* h0, const int64_t* index,
-                  bool softplus, float* y, float* hT) {
-  const int64_t d0 = blk * W;
-  const int64_t g = d0 / (s.D / s.G);
-  vf h[64];  // N <= 64 checked by the caller
-  for (int64_t k = 0; k < s.K; ++k) {
-    for (int64_t n = 0; n < s.N; ++n)
-      h[n] = h0 ? loadv(h0 + ((b * s.K + k) * s.N + n) * s.D + d0) : splat(0.0f);
-    const float* Ak = A + k * s.N * s.D + d0;
-    const int64_t* idx = index + k * s.L;
-    for (int64_t t = 0; t < s.L; ++t) {
-      const int64_t row = b * s.L + idx[t];
-      const vf dt = step_size(s, delta, bias, row, k, d0, softplus);
-      const vf dtu = dt * loadv(u + s.u_at(row, k) + d0);
-      const float* Bv = Bm + ((row * s.K + k) * s.G + g) * s.N;
-      const float* Cv = Cm + ((row * s.K + k) * s.G + g) * s.N;
-      vf acc = splat(0.0f);
-      for (int64_t n = 0; n < s.N; ++n) {
-        h[n] = vexp(dt * loadv(Ak + n * s.D)) * h[n] + dtu * Bv[n];
-        acc += h[n] * Cv[n];
-      }
-      float* yo = y + row * s.D + d0;
-      storev(yo, loadv(yo) + acc);
-    }
-    for (int64_t n = 0; n < s.N; ++n) storev(hT + ((b * s.K + k) * s.N + n) * s.D + d0, h[n]);
-  }
-}
-
-void backward_task(const Dims& s, int64_t b, int64_t blk, const float* u, const float* delta, const float* A,
-                   const float* Bm, const float* Cm, const float* bias, const float* h0, const int64_t* index,
-                   bool softplus, const float* dy, const float* dhT, float* du, float* ddelta, float* dA_part,
-                   float* dB_part, float* dC_part, float* dh0, std::vector<vf>& hs, std::vector<vf>& dts) {
-  const int64_t d0 = blk * W;
-  const int64_t g = d0 / (s.D / s.G);
-  hs.resize((s.L + 1) * s.N);
-  dts.resize(s.L);
-  for (int64_t k = 0; k < s.K; ++k) {
-    const float* Ak = A + k * s.N * s.D + d0;
-    const int64_t* idx = index + k * s.L;
-    // Recompute the forward states; hs[t + 1] is the state after step t, hs[0] the initial state.
-    for (int64_t n = 0; n < s.N; ++n)
-      hs[n] = h0 ? loadv(h0 + ((b * s.K + k) * s.N + n) * s.D + d0) : splat(0.0f);
-    for (int64_t t = 0; t < s.L; ++t) {
-      const int64_t row = b * s.L + idx[t];
-      const vf dt = step_size(s, delta, bias, row, k, d0, softplus);
-      dts[t] = dt;
-      const vf dtu = dt * loadv(u + s.u_at(row, k) + d0);
-      const float* Bv = Bm + ((row * s.K + k) * s.G + g) * s.N;
-      const vf* hp = hs.data() + t * s.N;
-      vf* hn = hs.data() + (t + 1) * s.N;
-      for (int64_t n = 0; n < s.N; ++n) hn[n] = vexp(dt * loadv(Ak + n * s.D)) * hp[n] + dtu * Bv[n];
-    }
-    // Reverse sweep: dh holds d loss / d h_t, propagated through the decays.
-    vf dh[64], dAacc[64];
-    for (int64_t n = 0; n < s.N; ++n) {
-      dh[n] = dhT ? loadv(dhT + ((b * s.K + k) * s.N + n) * s.D + d0) : splat(0.0f);
-      dAacc[n] = splat(0.0f);
-    }
-    for (int64_t t = s.L - 1; t >= 0; --t) {
-      const int64_t p = idx[t];
-      const int64_t row = b * s.L + p;
-      const vf uu = loadv(u + s.u_at(row, k) + d0);
-      const vf gy = loadv(dy + row * s.D + d0);
-      const float* Bv = Bm + ((row * s.K + k) * s.G + g) * s.N;
-      const float* Cv = Cm + ((row * s.K + k) * s.G + g) * s.N;
-      float* dBp = dB_part + (((b * s.blocks + blk) * s.L + p) * s.K + k) * s.N;
-      float* dCp = dC_part + (((b * s.blocks + blk) * s.L + p) * s.K + k) * s.N;
-      const vf dt = dts[t];
-      const vf dtu = dt * uu;
-      const vf* ht = hs.data() + (t + 1) * s.N;
-      const vf* hp = hs.data() + t * s.N;
-      vf ddt = splat(0.0f), ddtu = splat(0.0f);
-      for (int64_t n = 0; n < s.N; ++n) {
-        const vf An = loadv(Ak + n * s.D);
-        dCp[n] += hsum(gy * ht[n]);
-        const vf dhn = dh[n] + gy * Cv[n];
-        const vf a = vexp(dt * An);
-        dBp[n] += hsum(dhn * dtu);
-        ddtu += dhn * Bv[n];
-        const vf da = dhn * hp[n] * a;  // d loss / d (dt * A)
-        ddt += da * An;
-        dAacc[n] += da * dt;
-        dh[n] = dhn * a;
-      }
-      float* duo = du + s.u_at(row, k) + d0;
-      storev(duo, loadv(duo) + ddtu * dt);
-      vf total = ddt + ddtu * uu;
-      if (softplus) total = total * (1.0f - vexp(-dt));  // sigmoid(x) = 1 - exp(-softplus(x))
-      storev(ddelta + (row * s.K + k) * s.D + d0, total);
-    }
-    for (int64_t n = 0; n < s.N; ++n) {
-      if (dh0) storev(dh0 + ((b * s.K + k) * s.N + n) * s.D + d0, dh[n]);
-      storev(dA_part + ((b * s.K + k) * s.N + n) * s.D + d0, dAacc[n]);
+// dt = softplus(delta + bias) (or delta + bias) for a whole tile, and its derivative when asked.
+inline void step_sizes(Stage& st, int T, vf bias, bool softplus, bool derivative) {
+  for (int t = 0; t < T; ++t) {
+    const vf x = loadv(st.dt + t * W) + bias;
+    if (softplus) {
+      storev(st.dt + t * W, vsoftplus(x));
+      if (derivative) storev(st.sig + t * W, vsigmoid(x));
+    } else {
+      storev(st.dt + t * W, x);
+      if (derivative) storev(st.sig + t * W, splat(1.0f));
     }
   }
 }
 
-Dims check(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
-           const torch::Tensor& index) {
+// The recurrence over one staged tile. States h (N vectors) are carried in and out; with `y` the output
+// <C, h_t> of every step is stored, with `hs` every state (hs[0] = the incoming one).
+template <int NN>
+inline void recur_tile(int n_dyn, int T, const vf* Av, vf* h, const Stage& st, float* y, vf* hs) {
+  const int N = NN ? NN : n_dyn;
+  if (hs)
+    for (int n = 0; n < N; ++n) hs[n] = h[n];
+  for (int t = 0; t < T; ++t) {
+    const vf dt = loadv(st.dt + t * W);
+    const vf dtu = dt * loadv(st.x + t * W);
+    const float* Bv = st.Bt.data() + t * N;
+    const float* Cv = st.Ct.data() + t * N;
+    vf acc = splat(0.0f);
+    for (int n = 0; n < N; ++n) {
+      h[n] = vexp(dt * Av[n]) * h[n] + dtu * Bv[n];
+      acc += h[n] * Cv[n];
+    }
+    if (y) storev(y + t * W, acc);
+    if (hs)
+      for (int n = 0; n < N; ++n) hs[(t + 1) * N + n] = h[n];
+  }
+}
+
+// Reverse sweep over one tile: dh (N vectors, d loss / d h after the tile) is carried backwards; st.du and
+// st.ddt get the scan part of d loss / d u and d loss / d delta; st.dBt / st.dCt the per-step B, C grads.
+template <int NN>
+inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, vf* dh, vf* dAacc, Stage& st) {
+  const int N = NN ? NN : n_dyn;
+  for (int t = T - 1; t >= 0; --t) {
+    const vf uu = loadv(st.x + t * W);
+    const vf gy = loadv(st.gy + t * W);
+    const vf dt = loadv(st.dt + t * W);
+    const vf dtu = dt * uu;
+    const float* Bv = st.Bt.data() + t * N;
+    const float* Cv = st.Ct.data() + t * N;
+    float* dBp = st.dBt.data() + t * N;
+    float* dCp = st.dCt.data() + t * N;
+    const vf* ht = hs + (t + 1) * N;
+    const vf* hp = hs + t * N;
+    vf ddt = splat(0.0f), ddtu = splat(0.0f);
+    for (int n = 0; n < N; ++n) {
+      const vf An = Av[n];
+      dCp[n] = hsum(gy * ht[n]);
+      const vf dhn = dh[n] + gy * Cv[n];
+      const vf a = vexp(dt * An);
+      dBp[n] = hsum(dhn * dtu);
+      ddtu += dhn * Bv[n];
+      const vf da = dhn * hp[n] * a;  // d loss / d (dt * A)
+      ddt += da * An;
+      dAacc[n] += da * dt;
+      dh[n] = dhn * a;
+    }
+    storev(st.du + t * W, ddtu * dt);
+    storev(st.ddt + t * W, (ddt + ddtu * uu) * loadv(st.sig + t * W));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Layouts: where a task's tile inputs come from and where its results go.
+// ---------------------------------------------------------------------------------------------------------
+
+struct MapDims {
+  int64_t B, L, K, Ku, D, G, N, blocks;
+};
+
+// One (batch item, block, direction) of the multi-direction map layout.
+struct MapLayout {
+  const MapDims& s;
+  int64_t b, blk, k, d0, g;
+  const float *u, *delta, *A, *Bm, *Cm, *bias, *h0;
+  const int64_t* idx;
+
+  int64_t length() const { return s.L; }
+  int64_t row(int64_t t) const { return b * s.L + idx[t]; }
+  int64_t u_at(int64_t r) const { return (r * s.Ku + (s.Ku == 1 ? 0 : k)) * s.D + d0; }
+  int64_t bc_at(int64_t r) const { return ((r * s.K + k) * s.G + g) * s.N; }
+  int64_t state_at(int64_t n) const { return ((b * s.K + k) * s.N + n) * s.D + d0; }
+
+  void load_A(vf* Av) const {
+    for (int64_t n = 0; n < s.N; ++n) Av[n] = loadv(A + (k * s.N + n) * s.D + d0);
+  }
+  vf load_bias() const { return bias ? loadv(bias + k * s.D + d0) : splat(0.0f); }
+  void load_h0(vf* h) const {
+    for (int64_t n = 0; n < s.N; ++n) h[n] = h0 ? loadv(h0 + state_at(n)) : splat(0.0f);
+  }
+  void load_tile(Stage& st, int64_t t0, int T) const {
+    const int64_t N = s.N;
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = row(t0 + t);
+      storev(st.x + t * W, loadv(u + u_at(r)));
+      storev(st.dt + t * W, loadv(delta + (r * s.K + k) * s.D + d0));
+      std::memcpy(st.Bt.data() + t * N, Bm + bc_at(r), N * sizeof(float));
+      std::memcpy(st.Ct.data() + t * N, Cm + bc_at(r), N * sizeof(float));
+    }
+  }
+};
+
+struct MapForward : MapLayout {
+  float *y, *hT;
+  void store_tile(Stage& st, int64_t t0, int T) const {
+    for (int t = 0; t < T; ++t) {
+      float* yo = y + row(t0 + t) * s.D + d0;
+      storev(yo, loadv(yo) + loadv(st.y + t * W));
+    }
+  }
+  void store_last(const vf* h) const {
+    for (int64_t n = 0; n < s.N; ++n) storev(hT + state_at(n), h[n]);
+  }
+};
+
+struct MapBackward : MapLayout {
+  const float *dy, *dhT;
+  float *du, *ddelta, *dA, *dB, *dC, *dh0;  // dB, dC: this thread's (B, L, K, G, N) partial sums
+  static constexpr bool needs_y = false;
+  void load_dh(vf* dh) const {
+    for (int64_t n = 0; n < s.N; ++n) dh[n] = dhT ? loadv(dhT + state_at(n)) : splat(0.0f);
+  }
+  void load_grad(Stage& st, int64_t t0, int T) const {
+    for (int t = 0; t < T; ++t) storev(st.gy + t * W, loadv(dy + row(t0 + t) * s.D + d0));
+  }
+  void store_grads(Stage& st, int64_t t0, int T) const {
+    const int64_t N = s.N;
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = row(t0 + t);
+      float* duo = du + u_at(r);
+      storev(duo, loadv(duo) + loadv(st.du + t * W));
+      storev(ddelta + (r * s.K + k) * s.D + d0, loadv(st.ddt + t * W));
+      float *dBo = dB + bc_at(r), *dCo = dC + bc_at(r);
+      for (int64_t n = 0; n < N; ++n) {
+        dBo[n] += st.dBt[t * N + n];
+        dCo[n] += st.dCt[t * N + n];
+      }
+    }
+  }
+  void store_end(const vf* dh, const vf* dAacc, vf /*dbias*/) const {
+    for (int64_t n = 0; n < s.N; ++n) {
+      if (dh0) storev(dh0 + state_at(n), dh[n]);
+      storev(dA + state_at(n), dAacc[n]);
+    }
+  }
+};
+
+struct SeqDims {
+  int64_t B, D, L, G, N, per_group, blocks_per_group;
+};
+
+// One (batch item, block of up to W channels of one group) of the (B, D, L) layout.
+struct SeqLayout {
+  const SeqDims& s;
+  int64_t b, g, c0, nch;  // channels c0 .. c0 + nch - 1, nch <= W
+  const float *u, *delta, *A, *Bm, *Cm, *Dskip, *z, *bias, *h0;
+
+  int64_t length() const { return s.L; }
+  const float* chan(const float* p) const { return p + (b * s.D + c0) * s.L; }
+  int64_t state_at(int64_t c, int64_t n) const { return (b * s.D + c0 + c) * s.N + n; }
+
+  // (nch, L) rows of a (B, D, L) tensor -> lane-major tile, idle lanes zero.
+  void gather(const float* p, float* out, int64_t t0, int T) const {
+    const float* src = chan(p) + t0;
+    for (int64_t c = 0; c < nch; ++c)
+      for (int t = 0; t < T; ++t) out[t * W + c] = src[c * s.L + t];
+    for (int64_t c = nch; c < W; ++c)
+      for (int t = 0; t < T; ++t) out[t * W + c] = 0.0f;
+  }
+  void scatter(const float* in, float* p, int64_t t0, int T) const {
+    float* dst = const_cast<float*>(chan(p)) + t0;
+    for (int64_t c = 0; c < nch; ++c)
+      for (int t = 0; t < T; ++t) dst[c * s.L + t] = in[t * W + c];
+  }
+  vf per_channel(const float* p) const {  // a (D,) vector's lanes, idle lanes zero
+    vf v = splat(0.0f);
+    if (p)
+      for (int64_t c = 0; c < nch; ++c) v[c] = p[c0 + c];
+    return v;
+  }
+  void load_A(vf* Av) const {
+    for (int64_t n = 0; n < s.N; ++n) {
+      Av[n] = splat(0.0f);
+      for (int64_t c = 0; c < nch; ++c) Av[n][c] = A[(c0 + c) * s.N + n];
+    }
+  }
+  vf load_bias() const { return per_channel(bias); }
+  void load_states(const float* p, vf* h) const {
+    for (int64_t n = 0; n < s.N; ++n) {
+      h[n] = splat(0.0f);
+      if (p)
+        for (int64_t c = 0; c < nch; ++c) h[n][c] = p[state_at(c, n)];
+    }
+  }
+  void store_states(float* p, const vf* h) const {
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < nch; ++c) p[state_at(c, n)] = h[n][c];
+  }
+  void load_h0(vf* h) const { load_states(h0, h); }
+  void load_tile(Stage& st, int64_t t0, int T) const {
+    gather(u, st.x, t0, T);
+    gather(delta, st.dt, t0, T);
+    const int64_t N = s.N;
+    const float* Bg = Bm + (b * s.G + g) * N * s.L + t0;
+    const float* Cg = Cm + (b * s.G + g) * N * s.L + t0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int t = 0; t < T; ++t) {
+        st.Bt[t * N + n] = Bg[n * s.L + t];
+        st.Ct[t * N + n] = Cg[n * s.L + t];
+      }
+  }
+};
+
+struct SeqForward : SeqLayout {
+  float *y, *hT;
+  void store_tile(Stage& st, int64_t t0, int T) const {
+    const vf Dv = per_channel(Dskip);
+    if (z) gather(z, st.gy, t0, T);  // gy is free in the forward
+    for (int t = 0; t < T; ++t) {
+      vf out = loadv(st.y + t * W);
+      if (Dskip) out += Dv * loadv(st.x + t * W);
+      if (z) {
+        const vf zz = loadv(st.gy + t * W);
+        out *= zz * vsigmoid(zz);
+      }
+      storev(st.y + t * W, out);
+    }
+    scatter(st.y, y, t0, T);
+  }
+  void store_last(const vf* h) const { store_states(hT, h); }
+};
+
+struct SeqBackward : SeqLayout {
+  const float *dy, *dhT;
+  float *du, *ddelta, *dA, *dB, *dC, *dD, *dz, *dbias, *dh0;  // dB, dC: this thread's (B, G, N, L) partials
+  mutable vf dDacc;
+  static constexpr bool needs_y = true;
+  void load_dh(vf* dh) const { load_states(dhT, dh); }
+  // From d loss / d out to d loss / d <C, h> through out = (<C, h> + D u) * silu(z); writes dz.
+  void load_grad(Stage& st, int64_t t0, int T) const {
+    gather(dy, st.gy, t0, T);
+    if (!z && !Dskip) return;
+    const vf Dv = per_channel(Dskip);
+    if (z) gather(z, st.du, t0, T);  // du is free until the reverse sweep
+    for (int t = 0; t < T; ++t) {
+      vf g = loadv(st.gy + t * W);
+      const vf uu = loadv(st.x + t * W);
+      if (z) {
+        const vf zz = loadv(st.du + t * W);
+        const vf sg = vsigmoid(zz);
+        const vf full = loadv(st.y + t * W) + Dv * uu;
+        storev(st.du + t * W, g * full * sg * (1.0f + zz * (1.0f - sg)));
+        g = g * zz * sg;
+      }
+      dDacc += g * uu;
+      storev(st.gy + t * W, g);
+    }
+    if (z) scatter(st.du, dz, t0, T);
+  }
+  void store_grads(Stage& st, int64_t t0, int T) const {
+    if (Dskip) {
+      const vf Dv = per_channel(Dskip);
+      for (int t = 0; t < T; ++t) storev(st.du + t * W, loadv(st.du + t * W) + Dv * loadv(st.gy + t * W));
+    }
+    scatter(st.du, du, t0, T);
+    scatter(st.ddt, ddelta, t0, T);
+    const int64_t N = s.N;
+    float* dBg = dB + (b * s.G + g) * N * s.L + t0;
+    float* dCg = dC + (b * s.G + g) * N * s.L + t0;
+    for (int64_t n = 0; n < N; ++n)
+      for (int t = 0; t < T; ++t) {
+        dBg[n * s.L + t] += st.dBt[t * N + n];
+        dCg[n * s.L + t] += st.dCt[t * N + n];
+      }
+  }
+  void store_end(const vf* dh, const vf* dAacc, vf dbias_acc) const {
+    if (dh0) store_states(dh0, dh);
+    for (int64_t n = 0; n < s.N; ++n)
+      for (int64_t c = 0; c < nch; ++c) dA[(b * s.D + c0 + c) * s.N + n] = dAacc[n][c];
+    for (int64_t c = 0; c < nch; ++c) {
+      dD[b * s.D + c0 + c] = dDacc[c];
+      dbias[b * s.D + c0 + c] = dbias_acc[c];
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The two passes, written once for any layout.
+// ---------------------------------------------------------------------------------------------------------
+
+template <int NN, class Fwd>
+void forward_pass(const Fwd& lay, int n_dyn, bool softplus, Stage& st) {
+  vf Av[MAX_N], h[MAX_N];
+  lay.load_A(Av);
+  lay.load_h0(h);
+  const vf bias = lay.load_bias();
+  for (int64_t t0 = 0; t0 < lay.length(); t0 += TILE) {
+    const int T = static_cast<int>(std::min<int64_t>(TILE, lay.length() - t0));
+    lay.load_tile(st, t0, T);
+    step_sizes(st, T, bias, softplus, false);
+    recur_tile<NN>(n_dyn, T, Av, h, st, st.y, nullptr);
+    lay.store_tile(st, t0, T);
+  }
+  lay.store_last(h);
+}
+
+// Reverse-mode pass: a forward sweep keeps only the state before each tile; then, tile by tile from the
+// end, the tile's states are recomputed into a cache-resident buffer and the adjoint runs backwards.
+template <int NN, class Bwd>
+void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st) {
+  const int N = NN ? NN : n_dyn;
+  const int64_t L = lay.length();
+  vf Av[MAX_N], h[MAX_N], dh[MAX_N], dAacc[MAX_N];
+  lay.load_A(Av);
+  lay.load_h0(h);
+  const vf bias = lay.load_bias();
+  for (int64_t t0 = 0, i = 0; t0 < L; t0 += TILE, ++i) {
+    const int T = static_cast<int>(std::min<int64_t>(TILE, L - t0));
+    for (int n = 0; n < N; ++n) st.marks[i * N + n] = h[n];
+    if (t0 + T == L) break;  // the last tile's end state is not needed
+    lay.load_tile(st, t0, T);
+    step_sizes(st, T, bias, softplus, false);
+    recur_tile<NN>(n_dyn, T, Av, h, st, nullptr, nullptr);
+  }
+  lay.load_dh(dh);
+  for (int n = 0; n < N; ++n) dAacc[n] = splat(0.0f);
+  vf dbias = splat(0.0f);
+  const int64_t last = (L - 1) / TILE;
+  for (int64_t i = last; i >= 0; --i) {
+    const int64_t t0 = i * TILE;
+    const int T = static_cast<int>(std::min<int64_t>(TILE, L - t0));
+    lay.load_tile(st, t0, T);
+    step_sizes(st, T, bias, softplus, true);
+    for (int n = 0; n < N; ++n) h[n] = st.marks[i * N + n];
+    recur_tile<NN>(n_dyn, T, Av, h, st, Bwd::needs_y ? st.y : nullptr, st.hs.data());
+    lay.load_grad(st, t0, T);
+    reverse_tile<NN>(n_dyn, T, Av, st.hs.data(), dh, dAacc, st);
+    for (int t = 0; t < T; ++t) dbias += loadv(st.ddt + t * W);
+    lay.store_grads(st, t0, T);
+  }
+  lay.store_end(dh, dAacc, dbias);
+}
+
+// d_state 1 (VMamba v2) and 16 (Mamba / Vim) get loops the compiler fully unrolls; others a runtime N.
+template <class Lay>
+void forward_any(const Lay& lay, int64_t N, bool softplus, Stage& st) {
+  if (N == 1) forward_pass<1>(lay, 1, softplus, st);
+  else if (N == 16) forward_pass<16>(lay, 16, softplus, st);
+  else forward_pass<0>(lay, static_cast<int>(N), softplus, st);
+}
+template <class Lay>
+void backward_any(const Lay& lay, int64_t N, bool softplus, Stage& st) {
+  if (N == 1) backward_pass<1>(lay, 1, softplus, st);
+  else if (N == 16) backward_pass<16>(lay, 16, softplus, st);
+  else backward_pass<0>(lay, static_cast<int>(N), softplus, st);
+}
+
+const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+
+void check_f32(std::initializer_list<const torch::Tensor*> ts) {
+  for (const torch::Tensor* t : ts)
+    if (t->numel()) TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "fused scan: inputs must be contiguous float32");
+}
+
+// Per-thread partial sums of dB / dC (tasks of one thread add into the same slice): (threads, ...).
+int64_t thread_slot() {
+  const int64_t tid = at::get_thread_num();
+  TORCH_CHECK(tid >= 0 && tid < at::get_num_threads(), "fused scan: unexpected thread id");
+  return tid;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Map layout entry points
+// ---------------------------------------------------------------------------------------------------------
+
+MapDims map_dims(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
+                 const torch::Tensor& index) {
   TORCH_CHECK(u.dim() == 4 && delta.dim() == 4 && A.dim() == 3 && Bm.dim() == 5 && index.dim() == 2,
               "multi_scan: bad ranks");
-  Dims s;
+  MapDims s;
   s.B = u.size(0);
   s.L = u.size(1);
   s.Ku = u.size(2);
@@ -223,67 +539,164 @@ Dims check(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tens
   s.N = A.size(1);
   s.G = Bm.size(3);
   TORCH_CHECK(s.Ku == 1 || s.Ku == s.K, "multi_scan: u must have 1 or K directions");
-  TORCH_CHECK(s.N <= 64, "multi_scan: d_state must be <= 64");
+  TORCH_CHECK(s.N <= MAX_N, "multi_scan: d_state must be <= 64");
   TORCH_CHECK(s.D % s.G == 0, "multi_scan: groups must divide channels");
   TORCH_CHECK((s.D / s.G) % W == 0, "multi_scan: channels per group must be a multiple of the SIMD width");
+  TORCH_CHECK(index.scalar_type() == torch::kLong && index.size(1) == s.L, "multi_scan: bad index");
   s.blocks = s.D / W;
   return s;
 }
 
-const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
+MapLayout map_task(const MapDims& s, int64_t b, int64_t blk, int64_t k, const torch::Tensor& u,
+                   const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
+                   const torch::Tensor& Cm, const torch::Tensor& bias, const torch::Tensor& h0,
+                   const torch::Tensor& index) {
+  const int64_t d0 = blk * W;
+  return MapLayout{s, b, blk, k, d0, d0 / (s.D / s.G), u.data_ptr<float>(), delta.data_ptr<float>(),
+                   A.data_ptr<float>(), Bm.data_ptr<float>(), Cm.data_ptr<float>(), opt(bias), opt(h0),
+                   index.data_ptr<int64_t>() + k * s.L};
+}
 
-std::vector<torch::Tensor> multi_scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
-                                              torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0,
-                                              torch::Tensor index, bool softplus) {
-  const Dims s = check(u, delta, A, Bm, index);
+std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
+                                         torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
+                                         bool softplus) {
+  const MapDims s = map_dims(u, delta, A, Bm, index);
+  check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0});
   auto y = torch::zeros({s.B, s.L, s.D}, u.options());
   auto hT = torch::empty({s.B, s.K, s.N, s.D}, u.options());
-  const float *pu = u.data_ptr<float>(), *pdl = delta.data_ptr<float>(), *pA = A.data_ptr<float>(),
-              *pB = Bm.data_ptr<float>(), *pC = Cm.data_ptr<float>(), *pbias = opt(bias), *ph0 = opt(h0);
-  const int64_t* pidx = index.data_ptr<int64_t>();
-  float *py = y.data_ptr<float>(), *phT = hT.data_ptr<float>();
   at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
+    Stage st;
+    st.reserve(s.N, s.L);
+    for (int64_t task = begin; task < end; ++task)
+      for (int64_t k = 0; k < s.K; ++k) {
+        MapForward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
+                       y.data_ptr<float>(), hT.data_ptr<float>()};
+        forward_any(lay, s.N, softplus, st);
+      }
+  });
+  return {y, hT};
+}
+
+// Returns du, ddelta, dA per batch item (B, K, N, D), dB and dC (B, L, K, G, N), dh0.
+std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
+                                          torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
+                                          bool softplus, torch::Tensor dy, torch::Tensor dhT) {
+  const MapDims s = map_dims(u, delta, A, Bm, index);
+  check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT});
+  const int64_t threads = at::get_num_threads();
+  auto du = torch::zeros_like(u);
+  auto ddelta = torch::empty_like(delta);
+  auto dA = torch::empty({s.B, s.K, s.N, s.D}, u.options());
+  auto dB = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
+  auto dC = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
+  auto dh0 = h0.numel() ? torch::empty_like(h0) : torch::Tensor();
+  const int64_t part = s.B * s.L * s.K * s.G * s.N;
+  at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
+    Stage st;
+    st.reserve(s.N, s.L);
+    const int64_t slot = thread_slot();
+    for (int64_t task = begin; task < end; ++task)
+      for (int64_t k = 0; k < s.K; ++k) {
+        MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
+                        dy.data_ptr<float>(), opt(dhT), du.data_ptr<float>(), ddelta.data_ptr<float>(),
+                        dA.data_ptr<float>(), dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part,
+                        h0.numel() ? dh0.data_ptr<float>() : nullptr};
+        backward_any(lay, s.N, softplus, st);
+      }
+  });
+  return {du, ddelta, dA, dB.sum(0), dC.sum(0), dh0};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// (B, D, L) layout entry points
+// ---------------------------------------------------------------------------------------------------------
+
+SeqDims seq_dims(const torch::Tensor& u, const torch::Tensor& A, const torch::Tensor& Bm) {
+  TORCH_CHECK(u.dim() == 3 && A.dim() == 2 && Bm.dim() == 4, "selective_scan: bad ranks");
+  SeqDims s;
+  s.B = u.size(0);
+  s.D = u.size(1);
+  s.L = u.size(2);
+  s.N = A.size(1);
+  s.G = Bm.size(1);
+  TORCH_CHECK(s.N <= MAX_N, "selective_scan: d_state must be <= 64");
+  TORCH_CHECK(s.G > 0 && s.D % s.G == 0, "selective_scan: groups must divide channels");
+  s.per_group = s.D / s.G;
+  s.blocks_per_group = (s.per_group + W - 1) / W;
+  return s;
+}
+
+SeqLayout seq_task(const SeqDims& s, int64_t task, const torch::Tensor& u, const torch::Tensor& delta,
+                   const torch::Tensor& A, const torch::Tensor& Bm, const torch::Tensor& Cm, const torch::Tensor& Dskip,
+                   const torch::Tensor& z, const torch::Tensor& bias, const torch::Tensor& h0) {
+  const int64_t per_batch = s.G * s.blocks_per_group;
+  const int64_t b = task / per_batch, g = (task % per_batch) / s.blocks_per_group, j = task % s.blocks_per_group;
+  const int64_t c0 = g * s.per_group + j * W;
+  return SeqLayout{s, b, g, c0, std::min<int64_t>(W, s.per_group - j * W), u.data_ptr<float>(),
+                   delta.data_ptr<float>(), A.data_ptr<float>(), Bm.data_ptr<float>(), Cm.data_ptr<float>(),
+                   opt(Dskip), opt(z), opt(bias), opt(h0)};
+}
+
+std::vector<torch::Tensor> selective_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
+                                             torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor bias,
+                                             torch::Tensor h0, bool softplus) {
+  const SeqDims s = seq_dims(u, A, Bm);
+  check_f32({&u, &delta, &A, &Bm, &Cm, &Dskip, &z, &bias, &h0});
+  auto y = torch::empty_like(u);
+  auto hT = torch::empty({s.B, s.D, s.N}, u.options());
+  at::parallel_for(0, s.B * s.G * s.blocks_per_group, 1, [&](int64_t begin, int64_t end) {
+    Stage st;
+    st.reserve(s.N, s.L);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.blocks, blk = task % s.blocks;
-      forward_task(s, b, blk, pu, pdl, pA, pB, pC, pbias, ph0, pidx, softplus, py, phT);
+      SeqForward lay{seq_task(s, task, u, delta, A, Bm, Cm, Dskip, z, bias, h0), y.data_ptr<float>(),
+                     hT.data_ptr<float>()};
+      forward_any(lay, s.N, softplus, st);
     }
   });
   return {y, hT};
 }
 
-std::vector<torch::Tensor> multi_scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A,
-                                               torch::Tensor Bm, torch::Tensor Cm, torch::Tensor bias,
-                                               torch::Tensor h0, torch::Tensor index, bool softplus,
-                                               torch::Tensor dy, torch::Tensor dhT) {
-  const Dims s = check(u, delta, A, Bm, index);
-  auto du = torch::zeros_like(u);
-  auto ddelta = torch::empty_like(delta);
-  auto dA_part = torch::empty({s.B, s.K, s.N, s.D}, u.options());
-  auto dB_part = torch::zeros({s.B, s.blocks, s.L, s.K, s.N}, u.options());
-  auto dC_part = torch::zeros({s.B, s.blocks, s.L, s.K, s.N}, u.options());
+// Returns du, ddelta, dA (B, D, N), dB, dC (B, G, N, L), dD (B, D), dz, dbias (B, D), dh0: per batch item
+// where the parameter is shared, for the caller to sum.
+std::vector<torch::Tensor> selective_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A,
+                                              torch::Tensor Bm, torch::Tensor Cm, torch::Tensor Dskip,
+                                              torch::Tensor z, torch::Tensor bias, torch::Tensor h0, bool softplus,
+                                              torch::Tensor dy, torch::Tensor dhT) {
+  const SeqDims s = seq_dims(u, A, Bm);
+  check_f32({&u, &delta, &A, &Bm, &Cm, &Dskip, &z, &bias, &h0, &dy, &dhT});
+  const int64_t threads = at::get_num_threads();
+  auto du = torch::empty_like(u);
+  auto ddelta = torch::empty_like(u);
+  auto dz = z.numel() ? torch::empty_like(u) : torch::Tensor();
+  auto dA = torch::empty({s.B, s.D, s.N}, u.options());
+  auto dB = torch::zeros({threads, s.B, s.G, s.N, s.L}, u.options());
+  auto dC = torch::zeros({threads, s.B, s.G, s.N, s.L}, u.options());
+  auto dD = torch::empty({s.B, s.D}, u.options());
+  auto dbias = torch::empty({s.B, s.D}, u.options());
   auto dh0 = h0.numel() ? torch::empty_like(h0) : torch::Tensor();
-  const float *pu = u.data_ptr<float>(), *pdl = delta.data_ptr<float>(), *pA = A.data_ptr<float>(),
-              *pB = Bm.data_ptr<float>(), *pC = Cm.data_ptr<float>(), *pbias = opt(bias), *ph0 = opt(h0),
-              *pdy = dy.data_ptr<float>(), *pdhT = opt(dhT);
-  const int64_t* pidx = index.data_ptr<int64_t>();
-  float *pdu = du.data_ptr<float>(), *pdd = ddelta.data_ptr<float>(), *pdA = dA_part.data_ptr<float>(),
-        *pdB = dB_part.data_ptr<float>(), *pdC = dC_part.data_ptr<float>(),
-        *pdh0 = h0.numel() ? dh0.data_ptr<float>() : nullptr;
-  at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<vf> hs, dts;
+  const int64_t part = s.B * s.G * s.N * s.L;
+  at::parallel_for(0, s.B * s.G * s.blocks_per_group, 1, [&](int64_t begin, int64_t end) {
+    Stage st;
+    st.reserve(s.N, s.L);
+    const int64_t slot = thread_slot();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.blocks, blk = task % s.blocks;
-      backward_task(s, b, blk, pu, pdl, pA, pB, pC, pbias, ph0, pidx, softplus, pdy, pdhT, pdu, pdd, pdA, pdB,
-                    pdC, pdh0, hs, dts);
+      SeqBackward lay{seq_task(s, task, u, delta, A, Bm, Cm, Dskip, z, bias, h0), dy.data_ptr<float>(), opt(dhT),
+                      du.data_ptr<float>(), ddelta.data_ptr<float>(), dA.data_ptr<float>(),
+                      dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part, dD.data_ptr<float>(),
+                      z.numel() ? dz.data_ptr<float>() : nullptr, dbias.data_ptr<float>(),
+                      h0.numel() ? dh0.data_ptr<float>() : nullptr, splat(0.0f)};
+      backward_any(lay, s.N, softplus, st);
     }
   });
-  return {du, ddelta, dA_part, dB_part, dC_part, dh0};
+  return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dD, dz, dbias, dh0};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &multi_scan_forward, "fused multi-direction selective scan (forward)");
-  m.def("backward", &multi_scan_backward, "fused multi-direction selective scan (backward)");
+  m.def("forward", &multi_forward, "fused multi-direction selective scan, map layout (forward)");
+  m.def("backward", &multi_backward, "fused multi-direction selective scan, map layout (backward)");
+  m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
+  m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
   m.attr("lanes") = W;
 }

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..flops import BACKWARD_MAC_FACTOR, register_macs
+from ..flops import BACKWARD_MAC_FACTOR, register_macs, selective_scan_macs
 from .loader import load
 
 __all__ = ["fused_multi_scan", "fused_selective_scan", "fused_selective_scan_backward"]
@@ -38,22 +38,16 @@ def _multi_scan_backward_op(
     bias: Tensor | None, h0: Tensor | None, index: Tensor, softplus: bool,
 ) -> list[Tensor]:
     """Gradients ``[u, delta, A, B, C, bias, h0]`` (empty tensors for absent inputs)."""
-    batch, length, groups = u.shape[0], u.shape[1], Bm.shape[3]
-    du, ddelta, dA_part, dB_part, dC_part, dh0 = load().backward(
+    du, ddelta, dA_part, dB, dC, dh0 = load().backward(
         u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, dy.contiguous().float(),
         _EMPTY if dlast is None else dlast.contiguous().float(),
     )
-
-    def per_group(part: Tensor) -> Tensor:  # (B, blocks, L, K, N) -> (B, L, K, G, N)
-        k, n = part.shape[3], part.shape[4]
-        return part.view(batch, groups, -1, length, k, n).sum(2).permute(0, 2, 3, 1, 4).contiguous()
-
     return [
         du,
         ddelta,
         dA_part.sum(0),
-        per_group(dB_part),
-        per_group(dC_part),
+        dB,
+        dC,
         ddelta.sum((0, 1)) if bias is not None else u.new_empty(0),
         dh0 if h0 is not None else u.new_empty(0),
     ]
@@ -149,6 +143,99 @@ def fused_multi_scan(
     return y, last
 
 
+# ----------------------------------------------------------------------------------------------------------
+# mamba-ssm (B, D, L) layout: the kernel reads and writes this layout in place (no transposed copies) and
+# fuses the D skip and the silu(z) gate, forward and backward.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _f32(t: Tensor | None) -> Tensor:
+    """float32 and contiguous (no copy when it already is); ``_EMPTY`` for an absent input."""
+    return _EMPTY if t is None else t.float().contiguous()
+
+
+def _grouped(t: Tensor) -> Tensor:
+    """``(B, N, L)`` -> ``(B, 1, N, L)``; grouped ``(B, G, N, L)`` unchanged."""
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+@torch.library.custom_op("vmamba::fused_selective_scan", mutates_args=())
+def _selective_op(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, initial_state: Tensor | None, delta_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    """``out (B, D, L)`` and ``last_state (B, D, N)``, both float32."""
+    return tuple(load().selective_forward(
+        _f32(u), _f32(delta), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)), _f32(D), _f32(z), _f32(delta_bias),
+        _f32(initial_state), delta_softplus,
+    ))
+
+
+@_selective_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    return u.new_empty(u.shape, dtype=torch.float32), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+
+
+def _selective_backward(
+    grad_out: Tensor, grad_last: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None,
+    delta_softplus: bool,
+) -> list[Tensor]:
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = load().selective_backward(
+        _f32(u), _f32(delta), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)), _f32(D), _f32(z), _f32(delta_bias),
+        _f32(initial_state), delta_softplus, _f32(grad_out), _f32(grad_last),
+    )
+    # Shared parameters come back per batch item (B, ...): sum them here.
+    result = [du, ddelta, dA.sum(0), dB.reshape(B.shape), dC.reshape(C.shape), dD.sum(0), dz, dbias.sum(0), dh0]
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return [u.new_empty(0) if t is None else r.to(t.dtype) for r, t in zip(result, inputs)]
+
+
+@torch.library.custom_op("vmamba::fused_selective_scan_backward", mutates_args=())
+def _selective_backward_op(
+    grad_out: Tensor, grad_last: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None,
+    delta_softplus: bool,
+) -> list[Tensor]:
+    """Gradients ``[u, delta, A, B, C, D, z, delta_bias, initial_state]`` (empty tensors for absent inputs)."""
+    return _selective_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+
+
+@_selective_backward_op.register_fake
+def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+
+
+def _selective_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    ctx.delta_softplus = delta_softplus
+
+
+def _selective_autograd(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
+    saved = ctx.saved_tensors
+    u = saved[0]
+    if grad_out is None:
+        grad_out = torch.zeros_like(u, dtype=torch.float32)
+    grads = torch.ops.vmamba.fused_selective_scan_backward(grad_out, grad_last, *saved, ctx.delta_softplus)
+    return (*(g if t is not None else None for g, t in zip(grads, saved)), None)
+
+
+_selective_op.register_autograd(_selective_autograd, setup_context=_selective_setup_context)
+
+
+def _selective_macs(u, delta, A, B, C, D, z, *rest, **kwargs) -> int:
+    return selective_scan_macs(u, A[1], with_d=D is not None, with_z=z is not None)
+
+
+register_macs(torch.ops.vmamba.fused_selective_scan, _selective_macs)
+register_macs(
+    torch.ops.vmamba.fused_selective_scan_backward,
+    lambda grad_out, grad_last, u, delta, A, B, C, D, z, *rest, **kw: BACKWARD_MAC_FACTOR
+    * _selective_macs(u, delta, A, B, C, D, z),
+)
+
+
 def fused_selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -162,29 +249,22 @@ def fused_selective_scan(
     return_last_state: bool = False,
     initial_state: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """mamba-ssm ``selective_scan_fn`` layout on the fused kernel (see :func:`vmamba.ops.selective_scan`)."""
-    batch, dim, length = u.shape
-    Bg = B.unsqueeze(1) if B.dim() == 3 else B  # (B, G, N, L)
-    Cg = C.unsqueeze(1) if C.dim() == 3 else C
-    index = torch.arange(length, device=u.device).unsqueeze(0)
-    y, last = fused_multi_scan(
-        u.transpose(1, 2),
-        delta.transpose(1, 2).unsqueeze(2),
-        A.t().unsqueeze(0),
-        Bg.permute(0, 3, 1, 2).unsqueeze(2),
-        Cg.permute(0, 3, 1, 2).unsqueeze(2),
-        index,
-        delta_bias=None if delta_bias is None else delta_bias.unsqueeze(0),
-        initial_state=None if initial_state is None else initial_state.transpose(1, 2).unsqueeze(1),
-        delta_softplus=delta_softplus,
-    )
-    y = y.transpose(1, 2)  # (B, D, L)
-    if D is not None:
-        y = y + u.float() * D.float()[:, None]
-    if z is not None:
-        y = y * F.silu(z.float())
-    out = y.to(u.dtype)
-    return (out, last[:, 0].transpose(1, 2)) if return_last_state else out
+    """mamba-ssm ``selective_scan_fn`` layout on the fused kernel (see :func:`vmamba.ops.selective_scan`).
+
+    Args:
+        u, delta, z: ``(B, D, L)``; A: ``(D, N)``; B, C: ``(B, N, L)`` or grouped ``(B, G, N, L)``;
+        D, delta_bias: ``(D,)``; initial_state: ``(B, D, N)``. Any channel count, ``N <= 64``.
+
+    Returns:
+        ``out (B, D, L)`` in ``u``'s dtype and, with ``return_last_state``, ``last_state (B, D, N)`` (float32).
+        Differentiable in every tensor input.
+    """
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    if u.shape[1] % groups != 0:
+        raise ValueError(f"{groups} groups do not divide {u.shape[1]} channels")
+    out, last = torch.ops.vmamba.fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out
 
 
 def fused_selective_scan_backward(
@@ -204,60 +284,4 @@ def fused_selective_scan_backward(
     """Gradients ``[u, delta, A, B, C, D, z, delta_bias, initial_state]`` of :func:`fused_selective_scan`
     (empty tensors for absent inputs), computed without autograd, for callers that own their backward
     (the ``vmamba::selective_scan`` op runs below the autograd layer)."""
-    batch, dim, length = u.shape
-    groups = 1 if B.dim() == 3 else B.shape[1]
-    per_group = dim // groups
-    pad = -per_group % load().lanes
-
-    def to_kernel(t: Tensor) -> Tensor:  # channels last, each group padded to whole SIMD blocks
-        t = t.float()
-        if pad:
-            t = F.pad(t.unflatten(-1, (groups, per_group)), (0, pad)).flatten(-2)
-        return t.contiguous()
-
-    def from_kernel(t: Tensor) -> Tensor:
-        return t.unflatten(-1, (groups, per_group + pad))[..., :per_group].flatten(-2) if pad else t
-
-    Bg = B.unsqueeze(1) if B.dim() == 3 else B
-    Cg = C.unsqueeze(1) if C.dim() == 3 else C
-    u_k = to_kernel(u.transpose(1, 2).unsqueeze(2))  # (B, L, 1, D)
-    delta_k = to_kernel(delta.transpose(1, 2).unsqueeze(2))
-    A_k = to_kernel(A.t().unsqueeze(0))  # (1, N, D)
-    B_k = Bg.permute(0, 3, 1, 2).unsqueeze(2).float().contiguous()  # (B, L, 1, G, N)
-    C_k = Cg.permute(0, 3, 1, 2).unsqueeze(2).float().contiguous()
-    bias_k = None if delta_bias is None else to_kernel(delta_bias.unsqueeze(0))
-    h0_k = None if initial_state is None else to_kernel(initial_state.transpose(1, 2).unsqueeze(1))
-    index = torch.arange(length, device=u.device).unsqueeze(0)
-    u32, g = u.float(), grad_out.float()
-    g_z = g_D = None
-    if z is not None:  # out = (y_ssm + D u) * silu(z)
-        y_ssm, _ = torch.ops.vmamba.multi_scan(u_k, delta_k, A_k, B_k, C_k, bias_k, h0_k, index, delta_softplus)
-        y = from_kernel(y_ssm).transpose(1, 2)
-        if D is not None:
-            y = y + u32 * D.float()[:, None]
-        sig = torch.sigmoid(z.float())
-        g_z = g * y * sig * (1 + z.float() * (1 - sig))
-        g = g * z.float() * sig
-    if D is not None:
-        g_D = (g * u32).sum((0, 2))
-    grads = torch.ops.vmamba.multi_scan_backward(
-        to_kernel(g.transpose(1, 2)), None if grad_last is None else to_kernel(grad_last.transpose(1, 2).unsqueeze(1)),
-        u_k, delta_k, A_k, B_k, C_k, bias_k, h0_k, index, delta_softplus,
-    )
-    du, ddelta, dA, dB, dC, dbias, dh0 = grads
-    g_u = from_kernel(du)[:, :, 0].transpose(1, 2)
-    if D is not None:
-        g_u = g_u + g * D.float()[:, None]
-    result = [
-        g_u,
-        from_kernel(ddelta)[:, :, 0].transpose(1, 2),
-        from_kernel(dA)[0].t(),
-        dB[:, :, 0].permute(0, 2, 3, 1).reshape(B.shape),
-        dC[:, :, 0].permute(0, 2, 3, 1).reshape(C.shape),
-        g_D,
-        g_z,
-        None if delta_bias is None else from_kernel(dbias)[0],
-        None if initial_state is None else from_kernel(dh0)[:, 0].transpose(1, 2),
-    ]
-    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return [u.new_empty(0) if t is None else r.to(t.dtype).contiguous() for r, t in zip(result, inputs)]
+    return _selective_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
