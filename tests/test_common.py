@@ -179,3 +179,31 @@ def test_precision_rules() -> None:
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with autocast(cpu, "float32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_command_line_helpers_order_overrides_and_report_user_errors() -> None:
+    import argparse
+
+    from tasks.common.cli import add_config_arguments, add_run_arguments, flag_overrides, run_command
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, default="digits", recipe_dir="configs/x", set_example="a.b=1")
+    add_run_arguments(parser)
+    parser.add_argument("--epochs", type=int)
+    args = parser.parse_args(["--epochs", "3", "--set", "schedule.epochs=5", "--resume"])
+    assert args.config == "digits" and args.resume is True and args.stop_after_epoch is None
+    # flags first, so an explicit --set of the same key wins; flags not given add nothing
+    assert flag_overrides(args, {"epochs": "schedule.epochs", "output": "train.output_dir"}) == [
+        "schedule.epochs=3", "schedule.epochs=5"]
+
+    def failing(argv: list[str] | None) -> None:
+        raise ValueError("bad channel count")
+
+    with pytest.raises(SystemExit, match="error: bad channel count"):
+        run_command(failing, [], (ValueError,))
+
+    def buggy(argv: list[str] | None) -> None:
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        run_command(buggy, [], (ValueError,))

@@ -28,6 +28,7 @@ from tasks.classification.data import PreprocessConfig
 from tasks.classification.model import WEIGHTS_FORMAT
 from tasks.common.checkpoint import load_state, save_state, save_weights
 from tasks.common.config import config_to_dict
+from tasks.common.run_files import RunFiles as CommonRunFiles
 
 __all__ = ["RunFiles", "weights_metadata", "save_run_weights", "save_resume_state", "load_resume_state"]
 
@@ -35,38 +36,12 @@ STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
-class RunFiles:
-    """Paths of one run's outputs."""
-
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        return self.root / "last_state.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.root / "last.safetensors"
+class RunFiles(CommonRunFiles):
+    """Paths of one classification run's outputs: the common ones plus the EMA weights."""
 
     @property
     def last_ema(self) -> Path:
         return self.root / "last_ema.safetensors"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best.safetensors"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.csv"
-
-    @property
-    def curves(self) -> Path:
-        return self.root / "curves.png"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
 
 
 def weights_metadata(cfg: ClassificationConfig, class_names: list[str], pre: PreprocessConfig, epoch: int,

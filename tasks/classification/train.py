@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from tasks.classification.digits import write_digits_imagefolder
 from tasks.classification.model import build_model
 from tasks.classification.optim import build_optimizer, build_scheduler
 from tasks.classification.validate import USER_ERRORS, EvalResult, evaluate, shard_size
+from tasks.common.cli import add_config_arguments, add_run_arguments, flag_overrides, run_command
 from tasks.common.config import ConfigError, describe_config, load_config, save_config
 from tasks.common.csv_log import CsvLog
 from tasks.common.distributed import (DistContext, all_gather_objects, all_reduce_sum, barrier, distributed_job,
@@ -313,19 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmamba-train-cls", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (set in the --config file or with --set KEY=VALUE; defaults are the official "
                "ImageNet-1k recipe):\n" + describe_config(ClassificationConfig))
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"config file, or recipe name in configs/classification (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.base_lr=1e-3 (repeatable)")
+    add_config_arguments(parser, default=DEFAULT_CONFIG, recipe_dir="configs/classification",
+                         set_example="optim.base_lr=1e-3")
     parser.add_argument("--data-dir", help="ImageFolder root (sets data.root)")
-    parser.add_argument("--output", help="output folder (sets train.output_dir)")
     parser.add_argument("--epochs", type=int, help="training epochs (sets schedule.epochs)")
     parser.add_argument("--batch-size", type=int, help="images per process per step (sets train.batch_size)")
     parser.add_argument("--device", help="cpu, cuda or auto (sets train.device)")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",
-                        help="continue a run: from STATE, or without a value from OUTPUT/last_state.pt")
-    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
-                        help="stop once N epochs are complete (resume later); the schedule still spans all epochs")
+    add_run_arguments(parser)
     return parser
 
 
@@ -333,8 +327,7 @@ def config_from_args(args: argparse.Namespace) -> ClassificationConfig:
     """The config file named by ``args.config`` with the flag and ``--set`` overrides applied (flags first)."""
     flags = {"data_dir": "data.root", "output": "train.output_dir", "epochs": "schedule.epochs",
              "batch_size": "train.batch_size", "device": "train.device"}
-    overrides = [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name) is not None]
-    return load_config(ClassificationConfig, resolve_config_path(args.config), overrides + list(args.set))
+    return load_config(ClassificationConfig, resolve_config_path(args.config), flag_overrides(args, flags))
 
 
 def run(argv: list[str] | None = None) -> TrainSummary:
@@ -350,10 +343,7 @@ def run(argv: list[str] | None = None) -> TrainSummary:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: :func:`run`, with user mistakes reported as ``error: ...`` (exit status 1)."""
-    try:
-        run(argv)
-    except (*USER_ERRORS, RunExistsError) as e:
-        sys.exit(f"error: {e}")
+    run_command(run, argv, (*USER_ERRORS, RunExistsError))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from tasks.classification.config import ClassificationConfig, resolve_config_path
 from tasks.classification.data import ImageFolderError, PreprocessConfig, build_dataset, build_loader
 from tasks.classification.model import UnknownModelError, build_model, checkpoint_info
+from tasks.common.cli import run_command
 from tasks.common.config import ConfigError, describe_config, load_config
 from tasks.common.distributed import DistContext, all_reduce_sum, distributed_job, env_rank
 from tasks.common.precision import Precision, autocast
@@ -167,10 +167,7 @@ def run(argv: list[str] | None = None) -> EvalResult:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: :func:`run`, with user mistakes reported as ``error: ...`` (exit status 1)."""
-    try:
-        run(argv)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    run_command(run, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

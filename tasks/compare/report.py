@@ -41,7 +41,7 @@ from tasks.common.config import save_config  # noqa: E402
 
 from .accuracy import PRIMARY_METRIC, metric_title  # noqa: E402
 from .config import CompareConfig, PassMode, config_to_dict  # noqa: E402
-from .runner import CompareResult, ModelSummary  # noqa: E402
+from .runner import CompareResult  # noqa: E402
 
 __all__ = ["REPORT_FILES", "write_report", "environment_record", "markdown_tables"]
 

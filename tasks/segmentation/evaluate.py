@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, DataLoader, partition_dataset
 
+from tasks.common.cli import run_command
 from tasks.common.csv_log import CsvLog
 from tasks.common.distributed import all_gather_objects, close_distributed, env_rank, init_distributed
 from tasks.segmentation.config import SegmentationConfig
@@ -128,10 +128,8 @@ def run(argv: list[str] | None = None) -> EvaluationResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(argv)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    """Console entry point: :func:`run`, with user mistakes reported as ``error: ...`` (exit status 1)."""
+    run_command(run, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

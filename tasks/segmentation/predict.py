@@ -13,7 +13,6 @@ and geometry as the input, ready to overlay on it. ``--overlay`` also writes ``<
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +29,7 @@ from tasks.segmentation.engine import build_model, config_from_checkpoint, infer
 from tasks.segmentation.plots import plot_overlay
 from tasks.segmentation.train import USER_ERRORS, ensure_builtin_data
 from tasks.segmentation.transforms import predict_transforms
+from tasks.common.cli import run_command
 from tasks.common.distributed import resolve_device
 
 __all__ = ["find_inputs", "predict", "run", "main"]
@@ -150,10 +150,8 @@ def run(argv: list[str] | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(argv)
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    """Console entry point: :func:`run`, with user mistakes reported as ``error: ...`` (exit status 1)."""
+    run_command(run, argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

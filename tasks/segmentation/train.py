@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from tasks.common.checkpoint import load_state, save_state, save_weights
+from tasks.common.cli import add_config_arguments, add_run_arguments, flag_overrides, run_command
 from tasks.common.config import ConfigError, describe_config, load_config, save_config
 from tasks.common.csv_log import CsvLog
 from tasks.common.distributed import DistContext, all_reduce_sum, barrier, close_distributed, env_rank, \
     init_distributed
 from tasks.common.precision import autocast, check_precision, grad_scaler
+from tasks.common.run_files import RunFiles as CommonRunFiles
 from tasks.segmentation.config import DEFAULT_CONFIG, BuiltinData, SegmentationConfig, resolve_config_path
 from tasks.segmentation.data import DatasetError, check_cases, read_dataset_json, split_cases
 from tasks.segmentation.engine import MetricTotals, build_model, evaluate_cases, plain, weights_metadata
@@ -63,30 +64,8 @@ class RunExistsError(ValueError):
 
 
 @dataclass(frozen=True)
-class RunFiles:
-    """The files of one run folder."""
-
-    root: Path
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best.safetensors"
-
-    @property
-    def last(self) -> Path:
-        return self.root / "last.safetensors"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "last_state.pt"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.csv"
-
-    @property
-    def curves(self) -> Path:
-        return self.root / "curves.png"
+class RunFiles(CommonRunFiles):
+    """The files of one segmentation run folder: the common ones plus the overlay and the metrics summary."""
 
     @property
     def overlay(self) -> Path:
@@ -95,10 +74,6 @@ class RunFiles:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
 
 
 @dataclass
@@ -397,26 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmamba-seg-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (set in the --config file or with --set KEY=VALUE):\n" + describe_config(SegmentationConfig))
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"config file, or recipe name in configs/segmentation (default: {DEFAULT_CONFIG})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=2e-4 (repeatable)")
+    add_config_arguments(parser, default=DEFAULT_CONFIG, recipe_dir="configs/segmentation",
+                         set_example="optim.lr=2e-4")
     parser.add_argument("--data-dir", help="Decathlon folder holding dataset.json (sets data.root)")
-    parser.add_argument("--output", help="output folder (sets train.output_dir)")
     parser.add_argument("--epochs", type=int, help="training epochs (sets train.epochs)")
     parser.add_argument("--device", help="cpu, cuda or auto (sets train.device)")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="STATE",
-                        help="continue a run: from STATE, or without a value from OUTPUT/last_state.pt")
-    parser.add_argument("--stop-after-epoch", type=int, metavar="N",
-                        help="stop once N epochs are complete (resume later); the schedule still spans all epochs")
+    add_run_arguments(parser)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> SegmentationConfig:
     """The config named by ``args.config`` with the flag and ``--set`` overrides applied (flags first)."""
     flags = {"data_dir": "data.root", "output": "train.output_dir", "epochs": "train.epochs", "device": "train.device"}
-    overrides = [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name) is not None]
-    return load_config(SegmentationConfig, resolve_config_path(args.config), overrides + list(args.set))
+    return load_config(SegmentationConfig, resolve_config_path(args.config), flag_overrides(args, flags))
 
 
 def run(argv: list[str] | None = None) -> TrainSummary:
@@ -437,10 +405,7 @@ def run(argv: list[str] | None = None) -> TrainSummary:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: :func:`run`, with user mistakes reported as ``error: ...`` (exit status 1)."""
-    try:
-        run(argv)
-    except (*USER_ERRORS, RunExistsError) as e:
-        sys.exit(f"error: {e}")
+    run_command(run, argv, (*USER_ERRORS, RunExistsError))
 
 
 if __name__ == "__main__":
