@@ -15,11 +15,12 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 from tasks.common.checkpoint import atomic_write
 
-__all__ = ["CsvLog"]
+__all__ = ["CsvLog", "csv_text"]
 
 
 class CsvLog:
@@ -45,14 +46,20 @@ class CsvLog:
             self._write([r for r in self.rows() if not (key in r and float(r[key]) > value)])
 
     def _write(self, rows: list[dict[str, float | int | str]]) -> None:
-        columns: list[str] = []
-        for row in rows:
-            columns += [k for k in row if k not in columns]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write(self.path, lambda tmp: tmp.write_text(buf.getvalue()))
+        text = csv_text(rows)
+        atomic_write(self.path, lambda tmp: tmp.write_text(text))
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV text of ``rows``: columns in order of first appearance, ``None`` and missing values left empty."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return buf.getvalue()
 
 
 def _number(text: str) -> float | str:

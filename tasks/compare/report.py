@@ -17,9 +17,7 @@ GMACs = FLOPs / 2 (one multiply-accumulate is two FLOPs), FLOPs as counted by
 """
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -38,6 +36,7 @@ import torch  # noqa: E402
 
 from tasks.common.checkpoint import atomic_write  # noqa: E402
 from tasks.common.config import save_config  # noqa: E402
+from tasks.common.csv_log import csv_text  # noqa: E402
 
 from .accuracy import PRIMARY_METRIC, metric_title  # noqa: E402
 from .config import CompareConfig, PassMode, config_to_dict  # noqa: E402
@@ -63,17 +62,6 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     if abs(value) >= 10 ** digits:
         return f"{value:.0f}"
     return f"{value:.{digits}g}"
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return buf.getvalue()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -339,8 +327,8 @@ def write_report(result: CompareResult, out_dir: Path) -> list[Path]:
         _write_text(out_dir / name, text)
         written.append(out_dir / name)
 
-    put("summary.csv", _csv_text(summary_rows(result)))
-    put("measurements.csv", _csv_text(measurement_rows(result)))
+    put("summary.csv", csv_text(summary_rows(result)))
+    put("measurements.csv", csv_text(measurement_rows(result)))
     put("environment.json", json.dumps(env, indent=2) + "\n")
     save_config(cfg, out_dir / "config.yaml")
     written.append(out_dir / "config.yaml")
