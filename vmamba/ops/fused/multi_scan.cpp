@@ -31,6 +31,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -60,10 +63,76 @@ inline vf loadv(const float* p) {
 inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int j = 0; j < W; ++j) s += v[j];
-  return s;
+
+#if defined(__AVX512F__) && VMAMBA_LANES == 16
+#define VMAMBA_AVX512 1
+#endif
+
+// Lane-wise sums of `count` (<= W) vectors p[j * stride]: out[j] = sum over lanes of p[j * stride].
+// With AVX-512, 16 sums share one shuffle tree (about 3 ops per sum instead of 15 dependent adds each).
+inline void lane_sums(const float* p, int64_t stride, int count, float* out) {
+#ifdef VMAMBA_AVX512
+  __m512 v[16];
+  for (int j = 0; j < 16; ++j) v[j] = j < count ? _mm512_loadu_ps(p + j * stride) : _mm512_setzero_ps();
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)  // 128-bit blocks 0, 1: partials of v[2i]; 2, 3: of v[2i+1]
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // block m: 4 partials of v[4i + m]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  const __m512 c0 = _mm512_add_ps(_mm512_unpacklo_ps(b[0], b[1]), _mm512_unpackhi_ps(b[0], b[1]));
+  const __m512 c1 = _mm512_add_ps(_mm512_unpacklo_ps(b[2], b[3]), _mm512_unpackhi_ps(b[2], b[3]));
+  const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c0), _mm512_castps_pd(c1))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c0), _mm512_castps_pd(c1))));
+  // d's lane 4m + q holds the sum of v[4q + m].
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  alignas(64) float r[16];
+  _mm512_store_ps(r, _mm512_permutexvar_ps(perm, d));
+  for (int j = 0; j < count; ++j) out[j] = r[j];
+#else
+  for (int j = 0; j < count; ++j) {
+    float acc = 0.0f;
+    for (int l = 0; l < W; ++l) acc += p[j * stride + l];
+    out[j] = acc;
+  }
+#endif
+}
+
+// Copies a W x W block: out[j * os + i] = in[i * is + j] (rows of `in` become columns of `out`).
+inline void transpose_block(const float* in, int64_t is, float* out, int64_t os) {
+#ifdef VMAMBA_AVX512
+  __m512 r[16], t[16], u[16], v[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(in + i * is);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + q], 128-bit block k: column 4k + q of rows 4g .. 4g + 3.
+  for (int g = 0; g < 4; ++g) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * g]), t1 = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * g + 2]), t3 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  // v[2q + 8h + e]: blocks (k = e, e + 2) of column-group q for row groups 2h, 2h + 1.
+  for (int h = 0; h < 2; ++h)
+    for (int q = 0; q < 4; ++q) {
+      v[2 * q + 8 * h] = _mm512_shuffle_f32x4(u[8 * h + q], u[8 * h + 4 + q], 0x88);
+      v[2 * q + 8 * h + 1] = _mm512_shuffle_f32x4(u[8 * h + q], u[8 * h + 4 + q], 0xDD);
+    }
+  for (int q = 0; q < 4; ++q)
+    for (int e = 0; e < 2; ++e) {
+      const __m512 lo = v[2 * q + e], hi = v[2 * q + e + 8];
+      _mm512_storeu_ps(out + (4 * e + q) * os, _mm512_shuffle_f32x4(lo, hi, 0x88));
+      _mm512_storeu_ps(out + (4 * (e + 2) + q) * os, _mm512_shuffle_f32x4(lo, hi, 0xDD));
+    }
+#else
+  for (int i = 0; i < W; ++i)
+    for (int j = 0; j < W; ++j) out[j * os + i] = in[i * is + j];
+#endif
 }
 
 // exp(x): Cephes-style range reduction and polynomial (about 1 ulp), branch-free.
@@ -129,15 +198,20 @@ struct Stage {
   alignas(64) float du[TILE * W];     // d loss / d u (scan part)
   alignas(64) float ddt[TILE * W];    // d loss / d delta
   std::vector<float> Bt, Ct;          // (TILE, N)
-  std::vector<float> dBt, dCt;        // (TILE, N)
+  std::vector<float> PB, PC;          // (TILE, N, W) per-lane products whose lane sums are the B, C grads
+  std::vector<float> dBt, dCt;        // (N, TILE)
   std::vector<vf> hs;                 // (TILE + 1, N) states of the tile (backward)
+  std::vector<vf> decay;              // (TILE, N) exp(dt * A) of the tile (backward)
   std::vector<vf> marks;              // (tiles, N) state before each tile (backward)
   void reserve(int64_t N, int64_t L) {
     Bt.resize(TILE * N);
     Ct.resize(TILE * N);
+    PB.resize(TILE * N * W);
+    PC.resize(TILE * N * W);
     dBt.resize(TILE * N);
     dCt.resize(TILE * N);
     hs.resize((TILE + 1) * N);
+    decay.resize(TILE * N);
     marks.resize(((L + TILE - 1) / TILE) * N);
   }
 };
@@ -157,9 +231,10 @@ inline void step_sizes(Stage& st, int T, vf bias, bool softplus, bool derivative
 }
 
 // The recurrence over one staged tile. States h (N vectors) are carried in and out; with `y` the output
-// <C, h_t> of every step is stored, with `hs` every state (hs[0] = the incoming one).
+// <C, h_t> of every step is stored, with `hs` every state (hs[0] = the incoming one) and with `decay` every
+// exp(dt * A), which the reverse sweep reuses.
 template <int NN>
-inline void recur_tile(int n_dyn, int T, const vf* Av, vf* h, const Stage& st, float* y, vf* hs) {
+inline void recur_tile(int n_dyn, int T, const vf* Av, vf* h, const Stage& st, float* y, vf* hs, vf* decay) {
   const int N = NN ? NN : n_dyn;
   if (hs)
     for (int n = 0; n < N; ++n) hs[n] = h[n];
@@ -170,7 +245,9 @@ inline void recur_tile(int n_dyn, int T, const vf* Av, vf* h, const Stage& st, f
     const float* Cv = st.Ct.data() + t * N;
     vf acc = splat(0.0f);
     for (int n = 0; n < N; ++n) {
-      h[n] = vexp(dt * Av[n]) * h[n] + dtu * Bv[n];
+      const vf a = vexp(dt * Av[n]);
+      if (decay) decay[t * N + n] = a;
+      h[n] = a * h[n] + dtu * Bv[n];
       acc += h[n] * Cv[n];
     }
     if (y) storev(y + t * W, acc);
@@ -180,9 +257,11 @@ inline void recur_tile(int n_dyn, int T, const vf* Av, vf* h, const Stage& st, f
 }
 
 // Reverse sweep over one tile: dh (N vectors, d loss / d h after the tile) is carried backwards; st.du and
-// st.ddt get the scan part of d loss / d u and d loss / d delta; st.dBt / st.dCt the per-step B, C grads.
+// st.ddt get the scan part of d loss / d u and d loss / d delta; st.dBt / st.dCt (N, TILE) the per-step B,
+// C grads. Their lane sums are taken after the sweep, 16 at a time (see lane_sums), off the dependency chain.
 template <int NN>
-inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, vf* dh, vf* dAacc, Stage& st) {
+inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, const vf* decay, vf* dh, vf* dAacc,
+                         Stage& st) {
   const int N = NN ? NN : n_dyn;
   for (int t = T - 1; t >= 0; --t) {
     const vf uu = loadv(st.x + t * W);
@@ -191,17 +270,17 @@ inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, vf* dh, v
     const vf dtu = dt * uu;
     const float* Bv = st.Bt.data() + t * N;
     const float* Cv = st.Ct.data() + t * N;
-    float* dBp = st.dBt.data() + t * N;
-    float* dCp = st.dCt.data() + t * N;
+    float* PBt = st.PB.data() + t * N * W;
+    float* PCt = st.PC.data() + t * N * W;
     const vf* ht = hs + (t + 1) * N;
     const vf* hp = hs + t * N;
     vf ddt = splat(0.0f), ddtu = splat(0.0f);
     for (int n = 0; n < N; ++n) {
       const vf An = Av[n];
-      dCp[n] = hsum(gy * ht[n]);
+      storev(PCt + n * W, gy * ht[n]);
       const vf dhn = dh[n] + gy * Cv[n];
-      const vf a = vexp(dt * An);
-      dBp[n] = hsum(dhn * dtu);
+      const vf a = decay[t * N + n];
+      storev(PBt + n * W, dhn * dtu);
       ddtu += dhn * Bv[n];
       const vf da = dhn * hp[n] * a;  // d loss / d (dt * A)
       ddt += da * An;
@@ -211,6 +290,12 @@ inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, vf* dh, v
     storev(st.du + t * W, ddtu * dt);
     storev(st.ddt + t * W, (ddt + ddtu * uu) * loadv(st.sig + t * W));
   }
+  for (int n = 0; n < N; ++n)
+    for (int t = 0; t < T; t += 16) {
+      const int count = std::min(16, T - t);
+      lane_sums(st.PB.data() + (t * N + n) * W, N * W, count, st.dBt.data() + n * TILE + t);
+      lane_sums(st.PC.data() + (t * N + n) * W, N * W, count, st.dCt.data() + n * TILE + t);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -285,8 +370,8 @@ struct MapBackward : MapLayout {
       storev(ddelta + (r * s.K + k) * s.D + d0, loadv(st.ddt + t * W));
       float *dBo = dB + bc_at(r), *dCo = dC + bc_at(r);
       for (int64_t n = 0; n < N; ++n) {
-        dBo[n] += st.dBt[t * N + n];
-        dCo[n] += st.dCt[t * N + n];
+        dBo[n] += st.dBt[n * TILE + t];
+        dCo[n] += st.dCt[n * TILE + t];
       }
     }
   }
@@ -313,17 +398,24 @@ struct SeqLayout {
   int64_t state_at(int64_t c, int64_t n) const { return (b * s.D + c0 + c) * s.N + n; }
 
   // (nch, L) rows of a (B, D, L) tensor -> lane-major tile, idle lanes zero.
+  // Whole W x W blocks go through transpose_block; the rest (a short tile's end, idle lanes) element-wise.
   void gather(const float* p, float* out, int64_t t0, int T) const {
     const float* src = chan(p) + t0;
+    int done = 0;
+    if (nch == W)
+      for (; done + W <= T; done += W) transpose_block(src + done, s.L, out + done * W, W);
     for (int64_t c = 0; c < nch; ++c)
-      for (int t = 0; t < T; ++t) out[t * W + c] = src[c * s.L + t];
+      for (int t = done; t < T; ++t) out[t * W + c] = src[c * s.L + t];
     for (int64_t c = nch; c < W; ++c)
-      for (int t = 0; t < T; ++t) out[t * W + c] = 0.0f;
+      for (int t = done; t < T; ++t) out[t * W + c] = 0.0f;
   }
   void scatter(const float* in, float* p, int64_t t0, int T) const {
     float* dst = const_cast<float*>(chan(p)) + t0;
+    int done = 0;
+    if (nch == W)
+      for (; done + W <= T; done += W) transpose_block(in + done * W, W, dst + done, s.L);
     for (int64_t c = 0; c < nch; ++c)
-      for (int t = 0; t < T; ++t) dst[c * s.L + t] = in[t * W + c];
+      for (int t = done; t < T; ++t) dst[c * s.L + t] = in[t * W + c];
   }
   vf per_channel(const float* p) const {  // a (D,) vector's lanes, idle lanes zero
     vf v = splat(0.0f);
@@ -356,8 +448,15 @@ struct SeqLayout {
     const int64_t N = s.N;
     const float* Bg = Bm + (b * s.G + g) * N * s.L + t0;
     const float* Cg = Cm + (b * s.G + g) * N * s.L + t0;
+    int done = 0;
+    if (N % W == 0)
+      for (; done + W <= T; done += W)
+        for (int64_t n0 = 0; n0 < N; n0 += W) {
+          transpose_block(Bg + n0 * s.L + done, s.L, st.Bt.data() + done * N + n0, N);
+          transpose_block(Cg + n0 * s.L + done, s.L, st.Ct.data() + done * N + n0, N);
+        }
     for (int64_t n = 0; n < N; ++n)
-      for (int t = 0; t < T; ++t) {
+      for (int t = done; t < T; ++t) {
         st.Bt[t * N + n] = Bg[n * s.L + t];
         st.Ct[t * N + n] = Cg[n * s.L + t];
       }
@@ -422,8 +521,8 @@ struct SeqBackward : SeqLayout {
     float* dCg = dC + (b * s.G + g) * N * s.L + t0;
     for (int64_t n = 0; n < N; ++n)
       for (int t = 0; t < T; ++t) {
-        dBg[n * s.L + t] += st.dBt[t * N + n];
-        dCg[n * s.L + t] += st.dCt[t * N + n];
+        dBg[n * s.L + t] += st.dBt[n * TILE + t];
+        dCg[n * s.L + t] += st.dCt[n * TILE + t];
       }
   }
   void store_end(const vf* dh, const vf* dAacc, vf dbias_acc) const {
@@ -451,7 +550,7 @@ void forward_pass(const Fwd& lay, int n_dyn, bool softplus, Stage& st) {
     const int T = static_cast<int>(std::min<int64_t>(TILE, lay.length() - t0));
     lay.load_tile(st, t0, T);
     step_sizes(st, T, bias, softplus, false);
-    recur_tile<NN>(n_dyn, T, Av, h, st, st.y, nullptr);
+    recur_tile<NN>(n_dyn, T, Av, h, st, st.y, nullptr, nullptr);
     lay.store_tile(st, t0, T);
   }
   lay.store_last(h);
@@ -473,7 +572,7 @@ void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st) {
     if (t0 + T == L) break;  // the last tile's end state is not needed
     lay.load_tile(st, t0, T);
     step_sizes(st, T, bias, softplus, false);
-    recur_tile<NN>(n_dyn, T, Av, h, st, nullptr, nullptr);
+    recur_tile<NN>(n_dyn, T, Av, h, st, nullptr, nullptr, nullptr);
   }
   lay.load_dh(dh);
   for (int n = 0; n < N; ++n) dAacc[n] = splat(0.0f);
@@ -485,9 +584,9 @@ void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st) {
     lay.load_tile(st, t0, T);
     step_sizes(st, T, bias, softplus, true);
     for (int n = 0; n < N; ++n) h[n] = st.marks[i * N + n];
-    recur_tile<NN>(n_dyn, T, Av, h, st, Bwd::needs_y ? st.y : nullptr, st.hs.data());
+    recur_tile<NN>(n_dyn, T, Av, h, st, Bwd::needs_y ? st.y : nullptr, st.hs.data(), st.decay.data());
     lay.load_grad(st, t0, T);
-    reverse_tile<NN>(n_dyn, T, Av, st.hs.data(), dh, dAacc, st);
+    reverse_tile<NN>(n_dyn, T, Av, st.hs.data(), st.decay.data(), dh, dAacc, st);
     for (int t = 0; t < T; ++t) dbias += loadv(st.ddt + t * W);
     lay.store_grads(st, t0, T);
   }
