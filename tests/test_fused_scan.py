@@ -202,3 +202,26 @@ def test_fused_multi_scan_is_flop_counted():
     Bm = Cm = torch.randn(2, length, k, 1, 3)
     flops = count_flops(lambda: fused.fused_multi_scan(u, delta, A, Bm, Cm, index))
     assert flops == 2 * 9 * 2 * length * k * 16 * 3
+
+
+@pytest.mark.parametrize("d_state", [1, 5])
+def test_fused_backward_with_and_without_forward_checkpoints(d_state):
+    """The backward restarts from the forward's kept states, or recomputes them: same gradients."""
+    inputs = _inputs(2, 20, d_state, 150, None)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    args = [inputs[k] for k in names]
+    out, last, marks = fused.fused_selective_scan_forward(*args, True, True)
+    assert marks.shape == fused.selective_checkpoints_shape(inputs["u"], inputs["A"], inputs["B"])
+    g, g_last = torch.randn_like(out), torch.randn_like(last)
+    with_marks = fused.fused_selective_scan_backward(g, g_last, *args, True, marks)
+    without = fused.fused_selective_scan_backward(g, g_last, *args, True)
+    for name, a, b in zip(names, with_marks, without):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_fused_op_registration():
+    inputs = _inputs(1, 18, 3, 70, None)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    args = [inputs[k].clone().requires_grad_() for k in names]
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.vmamba.fused_selective_scan.default, args + [True, keep])

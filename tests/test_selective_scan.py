@@ -267,8 +267,9 @@ def test_flop_counter_sees_the_op_forward_and_backward():
 
 def test_custom_op_registrations_and_compile():
     inputs = make_inputs(batch=1, dim=4, length=6, d_state=2, dtype=torch.float32)
-    args = [inputs[k] for k in NAMES] + [True, 3]
-    torch.library.opcheck(torch.ops.vmamba.selective_scan.default, args)
+    for keep_checkpoints in (True, False):  # the fused path's states for its backward, or none
+        args = [inputs[k] for k in NAMES] + [True, 3, keep_checkpoints]
+        torch.library.opcheck(torch.ops.vmamba.selective_scan.default, args)
     compiled = torch.compile(
         lambda u, delta: selective_scan(u, delta, inputs["A"], inputs["B"], inputs["C"], inputs["D"]),
         backend="aot_eager", fullgraph=True,

@@ -845,20 +845,26 @@ def _selective_scan_op(
     initial_state: Tensor | None,
     delta_softplus: bool,
     chunk_size: int,
-) -> tuple[Tensor, Tensor]:
+    keep_checkpoints: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``out``, ``last_state`` and, on the fused path with ``keep_checkpoints``, the states its backward
+    restarts from (an empty tensor otherwise)."""
     if _use_fused_kernel(u, A):
         with torch.autocast(u.device.type, enabled=False):
-            out, last = fused.fused_selective_scan(
-                u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state
+            out, last, marks = fused.fused_selective_scan_forward(
+                u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, keep_checkpoints
             )
-        return out, last.to(_compute_dtype(u))
-    return _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size)
+        return out.to(u.dtype), last.to(_compute_dtype(u)), marks
+    out, last = _forward_impl(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size)
+    return out, last, u.new_empty(0)
 
 
 @_selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size, keep_checkpoints):
     last = u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=_compute_dtype(u))
-    return torch.empty_like(u), last
+    fused_marks = keep_checkpoints and _use_fused_kernel(u, A)
+    marks = u.new_empty(fused.selective_checkpoints_shape(u, A, B) if fused_marks else (0,), dtype=torch.float32)
+    return torch.empty_like(u), last, marks
 
 
 @torch.library.custom_op("vmamba::selective_scan_backward", mutates_args=())
@@ -876,10 +882,11 @@ def _selective_scan_backward_op(
     initial_state: Tensor | None,
     delta_softplus: bool,
     chunk_size: int,
+    checkpoints: Tensor | None,
 ) -> list[Tensor]:
     if _use_fused_kernel(u, A):
         return fused.fused_selective_scan_backward(
-            grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus
+            grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoints
         )
     return _backward_impl(
         grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size
@@ -887,7 +894,8 @@ def _selective_scan_backward_op(
 
 
 @_selective_scan_backward_op.register_fake
-def _(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size):
+def _(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size,
+      checkpoints):
     return [
         torch.empty_like(x) if x is not None else u.new_empty(0)
         for x in (u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -895,20 +903,22 @@ def _(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_st
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size, _ = inputs
+    marks = output[2]
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, marks if marks.numel() else None)
     ctx.delta_softplus, ctx.chunk_size = delta_softplus, chunk_size
 
 
-def _backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+def _backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None, _grad_marks: Tensor | None):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, marks = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(u)
     grads = torch.ops.vmamba.selective_scan_backward(
-        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.delta_softplus, ctx.chunk_size
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, ctx.delta_softplus, ctx.chunk_size,
+        marks,
     )
     present = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return (*(g if x is not None else None for g, x in zip(grads, present)), None, None)
+    return (*(g if x is not None else None for g, x in zip(grads, present)), None, None, None)
 
 
 _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -977,7 +987,8 @@ def selective_scan(
         raise ValueError("selective_scan needs a sequence of length >= 1")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    out, last = torch.ops.vmamba.selective_scan(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk_size or 0
-    )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    # The fused kernel's forward keeps a few states for its backward, only worth it when one will run.
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, last, _ = torch.ops.vmamba.selective_scan(*tensors, delta_softplus, chunk_size or 0, keep)
     return (out, last) if return_last_state else out

@@ -15,7 +15,13 @@ from .loader import (
     set_scan_backend,
     use_fused,
 )
-from .multi_scan import fused_multi_scan, fused_selective_scan, fused_selective_scan_backward
+from .multi_scan import (
+    fused_multi_scan,
+    fused_selective_scan,
+    fused_selective_scan_backward,
+    fused_selective_scan_forward,
+    selective_checkpoints_shape,
+)
 
 __all__ = [
     "FusedUnavailable",
@@ -28,6 +34,8 @@ __all__ = [
     "fused_multi_scan",
     "fused_selective_scan",
     "fused_selective_scan_backward",
+    "fused_selective_scan_forward",
+    "selective_checkpoints_shape",
     "MAX_D_STATE",
 ]
 

@@ -202,7 +202,7 @@ struct Stage {
   std::vector<float> dBt, dCt;        // (N, TILE)
   std::vector<vf> hs;                 // (TILE + 1, N) states of the tile (backward)
   std::vector<vf> decay;              // (TILE, N) exp(dt * A) of the tile (backward)
-  std::vector<vf> marks;              // (tiles, N) state before each tile (backward)
+  std::vector<float> marks;           // (tiles, N, W) state before each tile (backward)
   void reserve(int64_t N, int64_t L) {
     Bt.resize(TILE * N);
     Ct.resize(TILE * N);
@@ -212,7 +212,7 @@ struct Stage {
     dCt.resize(TILE * N);
     hs.resize((TILE + 1) * N);
     decay.resize(TILE * N);
-    marks.resize(((L + TILE - 1) / TILE) * N);
+    marks.resize(((L + TILE - 1) / TILE) * N * W);
   }
 };
 
@@ -540,14 +540,19 @@ struct SeqBackward : SeqLayout {
 // The two passes, written once for any layout.
 // ---------------------------------------------------------------------------------------------------------
 
+// With `marks` (tiles, N, W), the state before each tile is kept for the backward (which then skips its
+// own forward sweep).
 template <int NN, class Fwd>
-void forward_pass(const Fwd& lay, int n_dyn, bool softplus, Stage& st) {
+void forward_pass(const Fwd& lay, int n_dyn, bool softplus, Stage& st, float* marks) {
+  const int N = NN ? NN : n_dyn;
   vf Av[MAX_N], h[MAX_N];
   lay.load_A(Av);
   lay.load_h0(h);
   const vf bias = lay.load_bias();
-  for (int64_t t0 = 0; t0 < lay.length(); t0 += TILE) {
+  for (int64_t t0 = 0, i = 0; t0 < lay.length(); t0 += TILE, ++i) {
     const int T = static_cast<int>(std::min<int64_t>(TILE, lay.length() - t0));
+    if (marks)
+      for (int n = 0; n < N; ++n) storev(marks + (i * N + n) * W, h[n]);
     lay.load_tile(st, t0, T);
     step_sizes(st, T, bias, softplus, false);
     recur_tile<NN>(n_dyn, T, Av, h, st, st.y, nullptr, nullptr);
@@ -556,23 +561,27 @@ void forward_pass(const Fwd& lay, int n_dyn, bool softplus, Stage& st) {
   lay.store_last(h);
 }
 
-// Reverse-mode pass: a forward sweep keeps only the state before each tile; then, tile by tile from the
-// end, the tile's states are recomputed into a cache-resident buffer and the adjoint runs backwards.
+// Reverse-mode pass: the state before each tile comes from the forward (`marks`) or, without it, from a
+// forward sweep here; then, tile by tile from the end, the tile's states are recomputed into a
+// cache-resident buffer and the adjoint runs backwards.
 template <int NN, class Bwd>
-void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st) {
+void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st, const float* marks) {
   const int N = NN ? NN : n_dyn;
   const int64_t L = lay.length();
   vf Av[MAX_N], h[MAX_N], dh[MAX_N], dAacc[MAX_N];
   lay.load_A(Av);
-  lay.load_h0(h);
   const vf bias = lay.load_bias();
-  for (int64_t t0 = 0, i = 0; t0 < L; t0 += TILE, ++i) {
-    const int T = static_cast<int>(std::min<int64_t>(TILE, L - t0));
-    for (int n = 0; n < N; ++n) st.marks[i * N + n] = h[n];
-    if (t0 + T == L) break;  // the last tile's end state is not needed
-    lay.load_tile(st, t0, T);
-    step_sizes(st, T, bias, softplus, false);
-    recur_tile<NN>(n_dyn, T, Av, h, st, nullptr, nullptr, nullptr);
+  if (!marks) {
+    lay.load_h0(h);
+    for (int64_t t0 = 0, i = 0; t0 < L; t0 += TILE, ++i) {
+      const int T = static_cast<int>(std::min<int64_t>(TILE, L - t0));
+      for (int n = 0; n < N; ++n) storev(st.marks.data() + (i * N + n) * W, h[n]);
+      if (t0 + T == L) break;  // the last tile's end state is not needed
+      lay.load_tile(st, t0, T);
+      step_sizes(st, T, bias, softplus, false);
+      recur_tile<NN>(n_dyn, T, Av, h, st, nullptr, nullptr, nullptr);
+    }
+    marks = st.marks.data();
   }
   lay.load_dh(dh);
   for (int n = 0; n < N; ++n) dAacc[n] = splat(0.0f);
@@ -583,7 +592,7 @@ void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st) {
     const int T = static_cast<int>(std::min<int64_t>(TILE, L - t0));
     lay.load_tile(st, t0, T);
     step_sizes(st, T, bias, softplus, true);
-    for (int n = 0; n < N; ++n) h[n] = st.marks[i * N + n];
+    for (int n = 0; n < N; ++n) h[n] = loadv(marks + (i * N + n) * W);
     recur_tile<NN>(n_dyn, T, Av, h, st, Bwd::needs_y ? st.y : nullptr, st.hs.data(), st.decay.data());
     lay.load_grad(st, t0, T);
     reverse_tile<NN>(n_dyn, T, Av, st.hs.data(), st.decay.data(), dh, dAacc, st);
@@ -595,17 +604,19 @@ void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st) {
 
 // d_state 1 (VMamba v2) and 16 (Mamba / Vim) get loops the compiler fully unrolls; others a runtime N.
 template <class Lay>
-void forward_any(const Lay& lay, int64_t N, bool softplus, Stage& st) {
-  if (N == 1) forward_pass<1>(lay, 1, softplus, st);
-  else if (N == 16) forward_pass<16>(lay, 16, softplus, st);
-  else forward_pass<0>(lay, static_cast<int>(N), softplus, st);
+void forward_any(const Lay& lay, int64_t N, bool softplus, Stage& st, float* marks = nullptr) {
+  if (N == 1) forward_pass<1>(lay, 1, softplus, st, marks);
+  else if (N == 16) forward_pass<16>(lay, 16, softplus, st, marks);
+  else forward_pass<0>(lay, static_cast<int>(N), softplus, st, marks);
 }
 template <class Lay>
-void backward_any(const Lay& lay, int64_t N, bool softplus, Stage& st) {
-  if (N == 1) backward_pass<1>(lay, 1, softplus, st);
-  else if (N == 16) backward_pass<16>(lay, 16, softplus, st);
-  else backward_pass<0>(lay, static_cast<int>(N), softplus, st);
+void backward_any(const Lay& lay, int64_t N, bool softplus, Stage& st, const float* marks = nullptr) {
+  if (N == 1) backward_pass<1>(lay, 1, softplus, st, marks);
+  else if (N == 16) backward_pass<16>(lay, 16, softplus, st, marks);
+  else backward_pass<0>(lay, static_cast<int>(N), softplus, st, marks);
 }
+
+int64_t tiles(int64_t L) { return (L + TILE - 1) / TILE; }
 
 const float* opt(const torch::Tensor& t) { return t.numel() ? t.data_ptr<float>() : nullptr; }
 
@@ -736,23 +747,26 @@ SeqLayout seq_task(const SeqDims& s, int64_t task, const torch::Tensor& u, const
                    opt(Dskip), opt(z), opt(bias), opt(h0)};
 }
 
+// Returns y, hT and, with `keep_marks`, the state before every tile (tasks, tiles, N, W) for the backward.
 std::vector<torch::Tensor> selective_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                              torch::Tensor Cm, torch::Tensor Dskip, torch::Tensor z, torch::Tensor bias,
-                                             torch::Tensor h0, bool softplus) {
+                                             torch::Tensor h0, bool softplus, bool keep_marks) {
   const SeqDims s = seq_dims(u, A, Bm);
   check_f32({&u, &delta, &A, &Bm, &Cm, &Dskip, &z, &bias, &h0});
+  const int64_t tasks = s.B * s.G * s.blocks_per_group, mark_size = tiles(s.L) * s.N * W;
   auto y = torch::empty_like(u);
   auto hT = torch::empty({s.B, s.D, s.N}, u.options());
-  at::parallel_for(0, s.B * s.G * s.blocks_per_group, 1, [&](int64_t begin, int64_t end) {
+  auto marks = keep_marks ? torch::empty({tasks, tiles(s.L), s.N, W}, u.options()) : torch::empty({0}, u.options());
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Stage st;
     st.reserve(s.N, s.L);
     for (int64_t task = begin; task < end; ++task) {
       SeqForward lay{seq_task(s, task, u, delta, A, Bm, Cm, Dskip, z, bias, h0), y.data_ptr<float>(),
                      hT.data_ptr<float>()};
-      forward_any(lay, s.N, softplus, st);
+      forward_any(lay, s.N, softplus, st, keep_marks ? marks.data_ptr<float>() + task * mark_size : nullptr);
     }
   });
-  return {y, hT};
+  return {y, hT, marks};
 }
 
 // Returns du, ddelta, dA (B, D, N), dB, dC (B, G, N, L), dD (B, D), dz, dbias (B, D), dh0: per batch item
@@ -760,9 +774,12 @@ std::vector<torch::Tensor> selective_forward(torch::Tensor u, torch::Tensor delt
 std::vector<torch::Tensor> selective_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A,
                                               torch::Tensor Bm, torch::Tensor Cm, torch::Tensor Dskip,
                                               torch::Tensor z, torch::Tensor bias, torch::Tensor h0, bool softplus,
-                                              torch::Tensor dy, torch::Tensor dhT) {
+                                              torch::Tensor dy, torch::Tensor dhT, torch::Tensor marks) {
   const SeqDims s = seq_dims(u, A, Bm);
-  check_f32({&u, &delta, &A, &Bm, &Cm, &Dskip, &z, &bias, &h0, &dy, &dhT});
+  check_f32({&u, &delta, &A, &Bm, &Cm, &Dskip, &z, &bias, &h0, &dy, &dhT, &marks});
+  const int64_t mark_size = tiles(s.L) * s.N * W;
+  TORCH_CHECK(marks.numel() == 0 || marks.numel() == s.B * s.G * s.blocks_per_group * mark_size,
+              "selective_scan: checkpoints do not match the inputs");
   const int64_t threads = at::get_num_threads();
   auto du = torch::empty_like(u);
   auto ddelta = torch::empty_like(u);
@@ -784,7 +801,7 @@ std::vector<torch::Tensor> selective_backward(torch::Tensor u, torch::Tensor del
                       dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part, dD.data_ptr<float>(),
                       z.numel() ? dz.data_ptr<float>() : nullptr, dbias.data_ptr<float>(),
                       h0.numel() ? dh0.data_ptr<float>() : nullptr, splat(0.0f)};
-      backward_any(lay, s.N, softplus, st);
+      backward_any(lay, s.N, softplus, st, marks.numel() ? marks.data_ptr<float>() + task * mark_size : nullptr);
     }
   });
   return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dD, dz, dbias, dh0};
@@ -798,4 +815,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
   m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
   m.attr("lanes") = W;
+  m.attr("tile") = TILE;
 }

@@ -8,7 +8,13 @@ from torch import Tensor
 from ..flops import BACKWARD_MAC_FACTOR, register_macs, selective_scan_macs
 from .loader import load
 
-__all__ = ["fused_multi_scan", "fused_selective_scan", "fused_selective_scan_backward"]
+__all__ = [
+    "fused_multi_scan",
+    "fused_selective_scan",
+    "fused_selective_scan_forward",
+    "fused_selective_scan_backward",
+    "selective_checkpoints_shape",
+]
 
 _EMPTY = torch.empty(0)
 
@@ -159,31 +165,57 @@ def _grouped(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t
 
 
+def selective_checkpoints_shape(u: Tensor, A: Tensor, B: Tensor) -> tuple[int, int, int, int]:
+    """Shape of the states the forward keeps for the backward: (tasks, tiles, N, lanes), a task being one
+    batch item's block of SIMD-width channels of one group and a tile :data:`TILE` steps."""
+    ext = load()
+    batch, dim, length = u.shape
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    blocks = -(-(dim // groups) // ext.lanes)
+    return batch * groups * blocks, -(-length // ext.tile), A.shape[1], ext.lanes
+
+
+def fused_selective_scan_forward(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, initial_state: Tensor | None, delta_softplus: bool, keep_checkpoints: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's forward without autograd: ``out (B, D, L)`` and ``last_state (B, D, N)`` in float32,
+    and with ``keep_checkpoints`` the states the backward restarts from (see
+    :func:`selective_checkpoints_shape`; an empty tensor otherwise), for callers that own their backward."""
+    out, last, marks = load().selective_forward(
+        _f32(u), _f32(delta), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)), _f32(D), _f32(z), _f32(delta_bias),
+        _f32(initial_state), bool(delta_softplus), bool(keep_checkpoints),
+    )
+    return out, last, marks
+
+
 @torch.library.custom_op("vmamba::fused_selective_scan", mutates_args=())
 def _selective_op(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-    delta_bias: Tensor | None, initial_state: Tensor | None, delta_softplus: bool,
-) -> tuple[Tensor, Tensor]:
-    """``out (B, D, L)`` and ``last_state (B, D, N)``, both float32."""
-    return tuple(load().selective_forward(
-        _f32(u), _f32(delta), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)), _f32(D), _f32(z), _f32(delta_bias),
-        _f32(initial_state), delta_softplus,
-    ))
+    delta_bias: Tensor | None, initial_state: Tensor | None, delta_softplus: bool, keep_checkpoints: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``out (B, D, L)``, ``last_state (B, D, N)`` (float32) and the backward's checkpoints."""
+    return fused_selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, keep_checkpoints)
 
 
 @_selective_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    return u.new_empty(u.shape, dtype=torch.float32), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32)
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, keep_checkpoints):
+    marks = selective_checkpoints_shape(u, A, B) if keep_checkpoints else (0,)
+    return (
+        u.new_empty(u.shape, dtype=torch.float32),
+        u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float32),
+        u.new_empty(marks, dtype=torch.float32),
+    )
 
 
 def _selective_backward(
     grad_out: Tensor, grad_last: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None,
-    delta_softplus: bool,
+    delta_softplus: bool, checkpoints: Tensor | None,
 ) -> list[Tensor]:
     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = load().selective_backward(
         _f32(u), _f32(delta), _f32(A), _f32(_grouped(B)), _f32(_grouped(C)), _f32(D), _f32(z), _f32(delta_bias),
-        _f32(initial_state), delta_softplus, _f32(grad_out), _f32(grad_last),
+        _f32(initial_state), delta_softplus, _f32(grad_out), _f32(grad_last), _f32(checkpoints),
     )
     # Shared parameters come back per batch item (B, ...): sum them here.
     result = [du, ddelta, dA.sum(0), dB.reshape(B.shape), dC.reshape(C.shape), dD.sum(0), dz, dbias.sum(0), dh0]
@@ -195,30 +227,33 @@ def _selective_backward(
 def _selective_backward_op(
     grad_out: Tensor, grad_last: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, initial_state: Tensor | None,
-    delta_softplus: bool,
+    delta_softplus: bool, checkpoints: Tensor | None,
 ) -> list[Tensor]:
     """Gradients ``[u, delta, A, B, C, D, z, delta_bias, initial_state]`` (empty tensors for absent inputs)."""
-    return _selective_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    return _selective_backward(
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoints
+    )
 
 
 @_selective_backward_op.register_fake
-def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+def _(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoints):
     return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
 
 
 def _selective_setup_context(ctx, inputs, output) -> None:
-    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, _ = inputs
+    marks = output[2]
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, marks if marks.numel() else None)
     ctx.delta_softplus = delta_softplus
 
 
-def _selective_autograd(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
-    saved = ctx.saved_tensors
+def _selective_autograd(ctx, grad_out: Tensor | None, grad_last: Tensor | None, _grad_marks: Tensor | None):
+    *saved, marks = ctx.saved_tensors
     u = saved[0]
     if grad_out is None:
         grad_out = torch.zeros_like(u, dtype=torch.float32)
-    grads = torch.ops.vmamba.fused_selective_scan_backward(grad_out, grad_last, *saved, ctx.delta_softplus)
-    return (*(g if t is not None else None for g, t in zip(grads, saved)), None)
+    grads = torch.ops.vmamba.fused_selective_scan_backward(grad_out, grad_last, *saved, ctx.delta_softplus, marks)
+    return (*(g if t is not None else None for g, t in zip(grads, saved)), None, None)
 
 
 _selective_op.register_autograd(_selective_autograd, setup_context=_selective_setup_context)
@@ -262,7 +297,9 @@ def fused_selective_scan(
     groups = 1 if B.dim() == 3 else B.shape[1]
     if u.shape[1] % groups != 0:
         raise ValueError(f"{groups} groups do not divide {u.shape[1]} channels")
-    out, last = torch.ops.vmamba.fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out, last, _ = torch.ops.vmamba.fused_selective_scan(*tensors, bool(delta_softplus), keep)
     out = out.to(u.dtype)
     return (out, last) if return_last_state else out
 
@@ -280,8 +317,14 @@ def fused_selective_scan_backward(
     delta_bias: Tensor | None,
     initial_state: Tensor | None,
     delta_softplus: bool,
+    checkpoints: Tensor | None = None,
 ) -> list[Tensor]:
     """Gradients ``[u, delta, A, B, C, D, z, delta_bias, initial_state]`` of :func:`fused_selective_scan`
     (empty tensors for absent inputs), computed without autograd, for callers that own their backward
-    (the ``vmamba::selective_scan`` op runs below the autograd layer)."""
-    return _selective_backward(grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
+    (the ``vmamba::selective_scan`` op runs below the autograd layer). ``checkpoints`` from
+    :func:`fused_selective_scan_forward` saves the backward a forward sweep; without them it recomputes."""
+    if checkpoints is not None and checkpoints.numel() == 0:
+        checkpoints = None
+    return _selective_backward(
+        grad_out, grad_last, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, checkpoints
+    )
