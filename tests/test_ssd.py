@@ -171,6 +171,47 @@ def test_long_sequence_strong_decay_is_finite_and_exact():
     torch.testing.assert_close(h.detach(), h_win, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("regime", ["factorised", "steep", "mixed"])
+def test_chunk_regimes_match_loop_with_gradients(regime, monkeypatch):
+    """A (chunk, head) whose total log-decay is within 2 * LOG_RANGE_LIMIT takes the factorised block
+    (exp(G_t - m) exp(m - G_s), each factor <= e^60), a steeper one the exact masked block; both exact, in
+    float32 near the boundary (factors ~e^59) and with gradients."""
+    import vmamba.ops.chunking as chunking
+    from vmamba.ops.chunking import LOG_RANGE_LIMIT
+
+    steep_pairs = []
+    exact = chunking._steep_blocks
+    monkeypatch.setattr(
+        chunking, "_steep_blocks", lambda s, c, v, r, h, d: steep_pairs.append(len(r)) or exact(s, c, v, r, h, d)
+    )
+    torch.manual_seed(5)
+    length, chunk = 70, 32
+    x, _, _, B, C = _inputs(batch=1, length=length, heads=3, head_dim=4, groups=1, d_state=6, dtype=torch.float32)
+    per_step = {"factorised": 2 * LOG_RANGE_LIMIT * 0.98 / chunk, "steep": 6.0, "mixed": 2 * LOG_RANGE_LIMIT / chunk}
+    dt = per_step[regime] * (1.0 + 0.02 * torch.rand(1, length, 3))  # "mixed": some chunks just over the limit
+    if regime == "mixed":
+        dt[..., 0] = 0.05  # one head far from the limit
+    A = -torch.ones(3)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C)]
+    y, h = ssd(*leaves, chunk_size=chunk, return_final_states=True)
+    grads = torch.autograd.grad(y.sum() + h.sum(), leaves)
+    if regime == "factorised":
+        assert steep_pairs == []
+    elif regime == "steep":  # the two full chunks of every head; the 6-token tail stays within the limit
+        assert steep_pairs[0] == 2 * 3
+    else:
+        assert 0 < steep_pairs[0] < 3 * 3
+    y_ref, h_ref = ssd_ref(*(t.double() for t in leaves), return_final_states=True)
+    grads_ref = torch.autograd.grad(y_ref.sum() + h_ref.sum(), leaves)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip("x dt A B C".split(), grads, grads_ref):
+        assert torch.isfinite(got).all()
+        # A's gradient sums every token's contribution in float32 (the previous engine erred alike, ~1e-3)
+        tol = 3e-3 if name == "A" else 1e-4
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
 def test_bfloat16_autocast_within_tolerance():
     """bf16 inputs under autocast: float32 accumulation inside, bf16 out. Documented tolerance: equal to the
     float32 computation on the same (bf16-rounded) inputs up to bf16 output rounding, |diff| <= 1e-2 max|y|."""

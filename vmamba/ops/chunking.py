@@ -44,6 +44,8 @@ __all__ = [
     "quadratic_decay_attention",
     "decay_attention_matrix",
     "decay_attention_macs",
+    "chunked_heads_decay_attention",
+    "heads_decay_attention_macs",
     "LOG_RANGE_LIMIT",
 ]
 
@@ -291,31 +293,38 @@ def _(q, k, v, log_decay, initial_state, chunk_size, scale):
     return v.new_empty(*batch_shape, v.shape[-2], v.shape[-1]), v.new_empty(*batch_shape, q.shape[-1], v.shape[-1])
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, log_decay, initial_state, chunk_size, scale = inputs
-    ctx.save_for_backward(q, k, v, log_decay, initial_state)
-    ctx.chunk_size, ctx.scale = chunk_size, scale
+def _recompute_autograd(forward: Callable[..., tuple[Tensor, Tensor]]):
+    """``(setup_context, backward)`` for an op ``(q, k, v, log_decay, initial_state, chunk_size, scale)`` whose
+    backward recomputes ``forward(..., differentiable=True)`` under autograd instead of storing intermediates."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, log_decay, initial_state, chunk_size, scale = inputs
+        ctx.save_for_backward(q, k, v, log_decay, initial_state)
+        ctx.chunk_size, ctx.scale = chunk_size, scale
+
+    def backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [
+                None if t is None else t.detach().requires_grad_(need)
+                for t, need in zip(saved, ctx.needs_input_grad)
+            ]
+            o, state = forward(*leaves, ctx.chunk_size, ctx.scale, differentiable=True)
+            # outputs that do not depend on a differentiable input (the state, when only q needs a gradient) drop out
+            pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None and out.requires_grad]
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(
+                torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True)
+                if pairs
+                else [None] * len(wanted)
+            )
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None, None)
+
+    return setup_context, backward
 
 
-def _backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
-    saved = ctx.saved_tensors
-    with torch.enable_grad():
-        leaves = [
-            None if t is None else t.detach().requires_grad_(need) for t, need in zip(saved, ctx.needs_input_grad)
-        ]
-        o, state = _chunked(*leaves, ctx.chunk_size, ctx.scale, differentiable=True)
-        # outputs that do not depend on a differentiable input (the state, when only q needs a gradient) drop out
-        pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None and out.requires_grad]
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(
-            torch.autograd.grad([p[0] for p in pairs], wanted, [p[1] for p in pairs], allow_unused=True)
-            if pairs
-            else [None] * len(wanted)
-        )
-    return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None, None)
-
-
-_decay_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_setup, _backward = _recompute_autograd(_chunked)
+_decay_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 def decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int = 64, *rest, **kw) -> int:
@@ -332,6 +341,159 @@ def decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int
 
 
 register_macs(torch.ops.vmamba.decay_attention, decay_attention_macs)
+
+
+def _heads_chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    scale: float,
+    differentiable: bool,
+) -> tuple[Tensor, Tensor]:
+    """The chunked algorithm for R heads that share q and k, each with one decay per token (see
+    :func:`chunked_heads_decay_attention`), time-major so the R heads' values sit side by side: the state
+    write and read are one matmul over all heads (``(K, Q) @ (Q, R V)``) instead of R thin ones, and the
+    inputs and output need no head-major copies."""
+    dtype = v.dtype
+    batch, length, heads, dv = v.shape
+    dk = q.shape[-1]
+    state = v.new_zeros(batch, dk, heads, dv)
+    if initial_state is not None:
+        state = state + initial_state
+    if length == 0:
+        return v.new_zeros(batch, 0, heads, dv), state
+    size = max(1, min(chunk_size, length))
+    chunks = -(-length // size)
+    pad = chunks * size - length
+    if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
+        q, k, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, log_decay))
+        v = F.pad(v, (0, 0, 0, 0, 0, pad))
+    rows = batch * chunks
+    qc, kc = q.reshape(rows, size, dk), k.reshape(rows, size, dk)
+    vc = v.reshape(rows, size, heads, dv)
+    gc = log_decay.reshape(rows, size, heads)
+    cum = gc.to(torch.float64 if size > _PRECISE_CUMSUM_LENGTH else gc.dtype).cumsum(1)  # (rows, Q, R)
+    total = cum[:, -1:]  # (rows, 1, R): each chunk's total log-decay, per head
+    # exp(G_t - G_s) = exp(G_t - m) exp(m - G_s) around the midpoint m of the chunk's range: both factors stay
+    # within e^LOG_RANGE_LIMIT while the chunk's total is within twice that. Other (chunk, head) pairs ("steep")
+    # get m = G_Q (their written state uses exp(G_Q - G_s) <= 1) and an exact in-chunk block below.
+    steep = total < -2 * LOG_RANGE_LIMIT
+    mid = torch.where(steep, total, total / 2)
+    near = torch.exp(torch.where(steep, float("-inf"), cum - mid).to(dtype))  # exp(G_t - m), 0 when steep
+    far = torch.exp((mid - cum).to(dtype))  # exp(m - G_s)
+    from_start = torch.exp(cum.to(dtype))  # exp(G_t): reads the state entering the chunk
+    scores = torch.bmm(qc, kc.transpose(1, 2))  # (rows, Q, Q): once for the R heads
+    if differentiable:
+        scores = scores.tril() * scale if scale != 1.0 else scores.tril()
+    else:
+        scores = scores.tril_().mul_(scale) if scale != 1.0 else scores.tril_()
+    weighted = (vc * far[..., None]).view(rows, size, heads * dv)
+    intra = torch.bmm(scores, weighted).view(rows, size, heads, dv)  # times exp(G_t - m): the block product
+    written = torch.bmm(kc.transpose(1, 2), weighted).view(rows, dk, heads, dv)  # times exp(G_Q - m)
+    write_scale = torch.exp((total - mid).to(dtype))[..., None]  # (rows, 1, R, 1)
+    written = written * write_scale if differentiable else written.mul_(write_scale)
+    written = written.view(batch, chunks, dk, heads, dv).unbind(1)
+    decays = torch.exp(total.to(dtype)).view(batch, chunks, 1, heads, 1).unbind(1)
+    if differentiable:
+        starts = []  # the state entering each chunk
+        for decay, add in zip(decays, written):
+            starts.append(state)
+            state = torch.addcmul(add, decay, state)
+        starts = torch.stack(starts, dim=1)
+    else:
+        starts = state.new_empty(batch, chunks, dk, heads, dv)
+        entering = starts.unbind(1)
+        entering[0].copy_(state)
+        for c in range(chunks - 1):
+            torch.addcmul(written[c], decays[c], entering[c], out=entering[c + 1])
+        state = torch.addcmul(written[-1], decays[-1], entering[-1])
+    read = torch.bmm(qc, starts.view(rows, dk, heads * dv)).view(rows, size, heads, dv)
+    read_scale = (from_start * scale if scale != 1.0 else from_start)[..., None]
+    if differentiable:
+        o = read * read_scale + intra * near[..., None]
+    else:
+        o = read.mul_(read_scale).addcmul_(intra, near[..., None])
+    if bool(steep.any()):
+        rows_at, heads_at = steep[:, 0].nonzero(as_tuple=True)
+        blocks = _steep_blocks(scores, cum, vc, rows_at, heads_at, dtype)
+        if differentiable:  # index_put's out-of-place copy keeps the (rows, R, Q, V) view's strides
+            o = o.transpose(1, 2).index_put((rows_at, heads_at), blocks, accumulate=True).transpose(1, 2)
+        else:
+            o.transpose(1, 2).index_put_((rows_at, heads_at), blocks, accumulate=True)
+    return o.reshape(batch, chunks * size, heads, dv)[:, :length], state
+
+
+def _steep_blocks(
+    scores: Tensor, cum: Tensor, vc: Tensor, rows_at: Tensor, heads_at: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """Exact in-chunk products for the listed (chunk, head) pairs: ``(scores * exp(G_t - G_s)) @ v``,
+    every exponent ``<= 0`` (``-inf`` above the diagonal): ``(pairs, Q, V)``."""
+    cum_h = cum[rows_at, :, heads_at]  # (pairs, Q)
+    exponent = cum_h[:, :, None] + _causal_bias(cum_h.shape[-1], cum_h) - cum_h[:, None, :]
+    block = torch.exp(exponent.to(dtype)) * scores[rows_at]
+    return torch.bmm(block, vc[rows_at, :, heads_at])
+
+
+@torch.library.custom_op("vmamba::heads_decay_attention", mutates_args=())
+def _heads_decay_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    return _heads_chunked(q, k, v, log_decay, initial_state, chunk_size, scale, differentiable=False)
+
+
+@_heads_decay_attention_op.register_fake
+def _(q, k, v, log_decay, initial_state, chunk_size, scale):
+    batch, length, heads, dv = v.shape
+    return v.new_empty(batch, length, heads, dv), v.new_empty(batch, q.shape[-1], heads, dv)
+
+
+_heads_setup, _heads_backward = _recompute_autograd(_heads_chunked)
+_heads_decay_attention_op.register_autograd(_heads_backward, setup_context=_heads_setup)
+
+
+def heads_decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int = 32, *rest, **kw) -> int:
+    """Multiply-accumulates of :func:`chunked_heads_decay_attention` (matmuls only): per token the scores
+    ``Q K`` once per batch row, and per head the block product ``Q V`` and the state write and read ``2 K V``."""
+    batch, length, heads, dv = v
+    size = max(1, min(chunk_size, length))
+    return batch * length * (size * q[-1] + heads * (size * dv + 2 * q[-1] * dv))
+
+
+register_macs(torch.ops.vmamba.heads_decay_attention, heads_decay_attention_macs)
+
+
+def chunked_heads_decay_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    initial_state: Tensor | None = None,
+    chunk_size: int = 32,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Chunked ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale * q_tᵀ S_t`` for R heads that share
+    ``q`` and ``k`` and each have one decay per token (SSD's heads within a B/C group), time-major.
+
+    Args:
+        q, k: ``(B, T, K)``.
+        v: ``(B, T, R, V)``.
+        log_decay: ``(B, T, R)``, ``<= 0``.
+        initial_state: ``(B, K, R, V)``; zeros when None.
+        chunk_size: tokens per chunk; a chunk longer than 256 tokens (the quadratic form) forms its cumulative
+            log-decays in float64.
+        scale: output scale.
+
+    Returns:
+        ``o (B, T, R, V)`` and ``final_state (B, K, R, V)``, in v's dtype (float32 or float64).
+
+    Exact for any decay strength: the in-chunk block is ``(q kᵀ) * exp(G_t - G_s)`` with every exponent
+    ``<= 0``. Runs as the dispatcher op ``vmamba::heads_decay_attention`` (FLOPs counted by
+    :func:`heads_decay_attention_macs`; the backward recomputes the forward from the inputs).
+    """
+    return torch.ops.vmamba.heads_decay_attention(q, k, v, log_decay, initial_state, chunk_size, float(scale))
 
 
 def chunked_decay_attention(

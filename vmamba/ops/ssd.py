@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
+from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
 
 __all__ = ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]
 
@@ -129,17 +129,22 @@ def _run(
         dtype = compute_dtype(x, dt, A, B, C)
         groups = B.shape[2]
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
-        # dt first: the product takes its head-major layout, (B, H, T, P) contiguous
-        v = (dt.transpose(1, 2).contiguous()[..., None] * x.to(dtype).transpose(1, 2)).unflatten(1, (groups, -1))
-        q = _grouped(C.to(dtype), groups)  # (B, G, 1, T, N): shared by the group's heads
-        k = _grouped(B.to(dtype), groups)
-        g = _grouped(log_decay[..., None], groups)  # (B, G, R, T, 1)
+        batch, length, heads, head_dim = x.shape
+        # time-major, groups folded into the batch: (B G, T, ...) with a group's R heads side by side
+        v = (x.to(dtype) * dt[..., None]).view(batch, length, groups, -1, head_dim)
+        v = v.transpose(1, 2).reshape(batch * groups, length, heads // groups, head_dim)
+        q, k = (t.to(dtype).transpose(1, 2).reshape(batch * groups, length, -1) for t in (C, B))
+        g = log_decay.view(batch, length, groups, -1).transpose(1, 2).reshape(batch * groups, length, -1)
         state = None
-        if initial_states is not None:  # (B, H, P, N) -> (B, G, R, N, P): the engine's state is K x V
-            state = initial_states.to(dtype).transpose(-1, -2).unflatten(1, (groups, -1))
-        y, state = form(q, k, v, g, state, **kwargs)
-        y = y.flatten(1, 2).transpose(1, 2)  # (B, T, H, P)
-        final = state.flatten(1, 2).transpose(-1, -2) if return_final_states else None
+        if initial_states is not None:  # (B, H, P, N) -> (B G, N, R, P): the engine's state is K x (R V)
+            state = initial_states.to(dtype).view(batch, groups, -1, head_dim, B.shape[3]).permute(0, 1, 4, 2, 3)
+            state = state.reshape(batch * groups, B.shape[3], heads // groups, head_dim)
+        y, state = form(q, k, v, g, state, **kwargs)  # (B G, T, R, P), (B G, N, R, P)
+        y = y.view(batch, groups, length, -1, head_dim).transpose(1, 2).reshape(batch, length, heads, head_dim)
+        final = None
+        if return_final_states:
+            final = state.view(batch, groups, -1, heads // groups, head_dim).permute(0, 1, 3, 4, 2)
+            final = final.reshape(batch, heads, head_dim, -1)
         return _finish(y, x, D, z, dtype), final
 
 
@@ -187,8 +192,8 @@ def ssd(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return _run(
-        chunked_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, return_final_states,
-        chunk_size=chunk_size,
+        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
+        return_final_states, chunk_size=chunk_size,
     )
 
 
@@ -210,7 +215,8 @@ def ssd_quadratic(
     Arguments and returns as :func:`ssd` (without ``chunk_size``).
     """
     return _run(
-        quadratic_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, return_final_states
+        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
+        return_final_states, chunk_size=max(1, x.shape[1]),  # one chunk: the whole mixing matrix
     )
 
 
