@@ -11,8 +11,12 @@ has ``u``'s dtype, the last state the accumulation dtype.
 
 Forms (all give the same numbers, see ``tests/test_selective_scan.py``):
 
-* :func:`selective_scan` -- the default: chunked, with an explicit chunked backward; a dispatcher op
-  (``torch.ops.vmamba.selective_scan``) so FlopCounterMode and ``torch.compile`` see one op.
+* :func:`selective_scan` -- the default: a dispatcher op (``torch.ops.vmamba.selective_scan``, so
+  FlopCounterMode and ``torch.compile`` see one op) that runs the fused C++ kernel of :mod:`vmamba.ops.fused`
+  on CPU float32 / half inputs when it builds (the backend selection there can force either path), and
+  otherwise the chunked form below with its explicit chunked backward. float64 always takes the chunked
+  form. On the fused path the forward also returns the kernel's per-tile states (only when a backward will
+  run), which the op's backward hands back to the kernel.
 * :func:`selective_scan_ref` -- a plain loop over ``L``, the reference.
 * :func:`selective_scan_quadratic` / :func:`selective_scan_mixing_matrix` -- the ``L x L`` semi-separable
   ("attention") form, for inspection.
@@ -950,7 +954,8 @@ def selective_scan(
     initial_state: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The selective scan, chunked, with an explicit chunked backward (mamba-ssm ``selective_scan_fn`` API).
+    """The selective scan (mamba-ssm ``selective_scan_fn`` API): the fused C++ kernel when it is available,
+    else the chunked PyTorch form with its explicit chunked backward (see the module docstring).
 
     Args:
         u, delta: ``(B, D, L)``, ``L >= 1``.

@@ -22,7 +22,13 @@
 //     u, delta, z, y (B, D, L);  A (D, N);  Bm, Cm (B, G, N, L);  D, bias (D);  h0, hT (B, D, N)
 //   Any channel count: a group's last block has idle lanes that are staged as zeros and never written.
 //
-// exp / log are branch-free polynomials so the lane loops vectorise.
+// Backward: the state before every tile comes from the forward (SeqLayout keeps them on request) or from a
+// forward sweep; tiles are then processed from the end: recompute the tile's states and decays into an
+// L2-resident buffer, run the adjoint backwards, and reduce the per-lane B / C gradient products 16 steps
+// at a time. dB / dC are summed per thread (no atomics), then over threads by the caller.
+//
+// exp / log1p are branch-free polynomials so the lane loops vectorise; with AVX-512 the (B, D, L) staging
+// and the lane sums use 16 x 16 register transposes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -152,41 +158,28 @@ inline vf vexp(vf x) {
   return p * reinterpret_cast<const vf&>(bits);
 }
 
-// log(m) for m in [1, 2]: Cephes-style polynomial.
-inline vf vlog_1_2(vf m) {
-  const auto big = m > 1.41421356f;
-  const vf mm = big ? m * 0.5f : m;
-  const vf x = mm - 1.0f;
-  const vf z = x * x;
-  vf p = splat(7.0376836292e-2f);
-  p = p * x - 1.1514610310e-1f;
-  p = p * x + 1.1676998740e-1f;
-  p = p * x - 1.2420140846e-1f;
-  p = p * x + 1.4249322787e-1f;
-  p = p * x - 1.6668057665e-1f;
-  p = p * x + 2.0000714765e-1f;
-  p = p * x - 2.4999993993e-1f;
-  p = p * x + 3.3333331174e-1f;
-  const vf y = x * z * p - 0.5f * z + x;
-  return big ? y + 0.693147180559945f : y;
-}
-
-// softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1]. log1p without a division: w = 1 + e rounds
-// by c = e - (w - 1) (exact, Sterbenz), and log1p(e) = log(w) + c / w + O(c^2); |c| <= 2^-24 and
-// c / w = c - c e / w, so adding c alone errs by at most 2^-24 relative to log1p(e).
-inline vf vsoftplus(vf x) {
-  const vf e = vexp(-vmax(x, -x));
-  const vf w = e + 1.0f;
-  const vf c = e - (w - 1.0f);
-  return vmax(x, splat(0.0f)) + (vlog_1_2(w) + c);
+// log1p(e) for e in [0, 1] as e * P(e), P a degree-8 least-squares fit of log1p(e) / e (relative error
+// <= 2.5e-7 in float32, measured on a 2e5-point grid): no division, no range reduction, and accurate
+// relative to e however small e is.
+inline vf vlog1p_0_1(vf e) {
+  vf p = splat(0.0051860036f);
+  p = p * e - 0.029210268f;
+  p = p * e + 0.07754038f;
+  p = p * e - 0.13583942f;
+  p = p * e + 0.19055955f;
+  p = p * e - 0.24825649f;
+  p = p * e + 0.3331601f;
+  p = p * e - 0.49999255f;
+  p = p * e + 0.99999994f;
+  return p * e;
 }
 
 // d softplus(x) / dx = sigmoid(x), from e = exp(-|x|) without cancellation.
-inline vf vsigmoid(vf x) {
-  const vf e = vexp(-vmax(x, -x));
+inline vf vsigmoid_from(vf x, vf e) {
   const vf r = 1.0f / (1.0f + e);
   return x >= 0.0f ? r : e * r;
 }
+inline vf vsigmoid(vf x) { return vsigmoid_from(x, vexp(-vmax(x, -x))); }
 
 // Per-thread staging buffers for one tile (lane-major: element (t, lane) at t * W + lane).
 struct Stage {
@@ -216,13 +209,15 @@ struct Stage {
   }
 };
 
-// dt = softplus(delta + bias) (or delta + bias) for a whole tile, and its derivative when asked.
+// dt = softplus(delta + bias) (or delta + bias) for a whole tile, and its derivative when asked;
+// softplus(x) = max(x, 0) + log1p(e) and sigmoid(x) both from e = exp(-|x|).
 inline void step_sizes(Stage& st, int T, vf bias, bool softplus, bool derivative) {
   for (int t = 0; t < T; ++t) {
     const vf x = loadv(st.dt + t * W) + bias;
     if (softplus) {
-      storev(st.dt + t * W, vsoftplus(x));
-      if (derivative) storev(st.sig + t * W, vsigmoid(x));
+      const vf e = vexp(-vmax(x, -x));  // shared by softplus and its derivative
+      storev(st.dt + t * W, vmax(x, splat(0.0f)) + vlog1p_0_1(e));
+      if (derivative) storev(st.sig + t * W, vsigmoid_from(x, e));
     } else {
       storev(st.dt + t * W, x);
       if (derivative) storev(st.sig + t * W, splat(1.0f));

@@ -1,4 +1,21 @@
-"""Autograd wrappers around the fused C++ multi-direction selective scan."""
+"""Autograd wrappers around the fused C++ selective scans (``multi_scan.cpp``).
+
+Two entry points share one kernel core (tile staging, the recurrence, the tiled reverse sweep):
+
+* :func:`fused_multi_scan` -- K directions of one channels-last map ``(B, L, D)``, scanned in place along
+  index orders and merged by summation (the VMamba SS2D path). Channels are zero-padded per group to whole
+  SIMD blocks here.
+* :func:`fused_selective_scan` -- mamba-ssm's ``selective_scan_fn`` layout ``(B, D, L)``, read and written in
+  place by the kernel (no transposed, padded or gated copies: each task transposes a W-channel x 64-step tile
+  through cache-resident buffers), with the D skip and the ``silu(z)`` gate fused, forward and backward.
+  When a backward will run, the forward keeps the state before every 64-step tile
+  (:func:`selective_checkpoints_shape`, about N/64 of the input size), so the backward recomputes states
+  tile by tile instead of re-running the whole forward. :func:`fused_selective_scan_forward` and
+  :func:`fused_selective_scan_backward` are the same kernels without autograd, for the
+  ``vmamba::selective_scan`` dispatcher op.
+
+Both are ``torch.library`` custom ops with FLOP formulas, so ``torch.compile`` and FlopCounterMode see one op.
+"""
 from __future__ import annotations
 
 import torch
