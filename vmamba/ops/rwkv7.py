@@ -136,7 +136,9 @@ def _unit_lower_inverse(strict: Tensor) -> Tensor:
     """``(I - N)^-1`` for strictly lower-triangular ``N (..., Q, Q)``.
 
     N is nilpotent (``N^Q = 0``), so ``(I - N)^-1 = sum_j N^j = (I + N)(I + N^2)(I + N^4)...``: ``2 log2 Q``
-    batched matmuls, no subtraction, and much faster on small blocks than a batched triangular solve.
+    batched matmuls, no subtraction. Faster on small blocks than ``torch.linalg.solve_triangular(...,
+    unitriangular=True)`` batched over all chunks: measured on one thread at T=3136, H=4, K=32, applied to a
+    ``(Q, Q + K)`` right-hand side, 1.5 ms against 2.8 ms at Q=16 and 1.1 against 1.7 at Q=8 (about even at 32).
     """
     size = strict.shape[-1]
     inverse = torch.eye(size, dtype=strict.dtype, device=strict.device) + strict
@@ -158,7 +160,9 @@ def _rwkv7_chunk(
     scale: float,
     initial_state: Tensor | None,
     chunk_size: int,
+    differentiable: bool,
 ) -> tuple[Tensor, Tensor]:
+    """``differentiable=False`` (nothing needs a gradient) fills preallocated buffers in place."""
     batch, length, heads, dk = r.shape
     dv = v.shape[-1]
     cdt = compute_dtype(r, w, k, v, a, b)
@@ -167,60 +171,84 @@ def _rwkv7_chunk(
     pad = n * q_len - length
     rows = batch * heads
 
-    def chunked(t: Tensor) -> Tensor:  # (B, T, H, D) -> (B*H*n, Q, D), zero-padded (w = 0: no decay)
+    def chunked(t: Tensor) -> Tensor:  # (B, T, H, D) -> (B, H, n, Q, D) view, zero-padded (w = 0: no decay)
         t = t.to(cdt)
         if pad:
             t = F.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.view(batch, n, q_len, heads, -1).permute(0, 3, 1, 2, 4).reshape(rows * n, q_len, t.shape[-1])
+        return t.view(batch, n, q_len, heads, -1).permute(0, 3, 1, 2, 4)
 
-    rc, wc, kc, vc, ac, bc = (chunked(t) for t in (r, w, k, v, a, b))
-    g_in = wc.cumsum(-2)  # G_t: log decay from the chunk start through t
-    g_ex = F.pad(g_in[:, :-1], (0, 0, 1, 0))  # G_{t-1}: through t-1 (what a_t^T S_{t-1} sees)
-    # Pairwise decays exp(G_x - G_s) (x = t or t-1 >= s) factorised around a per-channel reference point
-    # G_ref mid-chunk: exp(G_x - G_ref) * exp(G_ref - G_s). On every unmasked pair both exponents are at
-    # most Q/2 * max|w| <= LOG_RANGE_LIMIT / 2 (see _effective_chunk); the clamp only touches factors that
-    # meet masked pairs alone (e.g. a_0, which has no earlier key), keeping them finite.
-    half = LOG_RANGE_LIMIT / 2
-    ref = g_in[:, (q_len - 1) // 2 : (q_len - 1) // 2 + 1]
-    right = torch.exp((ref - g_in).clamp(max=half))
-    left = torch.cat(
-        [rc * torch.exp((g_in - ref).clamp(max=half)), ac * torch.exp((g_ex - ref).clamp(max=half))], dim=1
-    )  # (N, 2Q, K): rows r_t, a_t
-    pair = torch.bmm(left, torch.cat([kc * right, bc * right], dim=1).transpose(1, 2))  # (N, 2Q, 2Q)
-    ones = torch.ones(q_len, q_len, dtype=torch.bool, device=r.device)
-    incl, strict = ones.tril(), ones.tril(-1)
+    def flat(t: Tensor) -> Tensor:  # (B, H, n, Q, D) contiguous -> (B H n, Q, D) (any Q)
+        return t.reshape(rows * n, -1, t.shape[-1])
+
+    g_in = chunked(w).cumsum(-2)  # G_t: log decay from the chunk start through t (contiguous, head-major)
+    # Pairwise decays exp(G_x - G_s) (x = t, or t-1 for a_t^T S_{t-1}) factorised around a per-channel reference
+    # G_ref mid-chunk: exp(G_x - G_ref) * exp(G_ref - G_s). _effective_chunk keeps Q * max|w| within
+    # LOG_RANGE_LIMIT, so every factor on an unmasked pair lies within exp(+-LOG_RANGE_LIMIT / 2); the clamp
+    # only touches a_0's factor exp(-G_ref), which meets masked pairs alone (a_0 has no earlier key).
+    ref = g_in[..., (q_len - 1) // 2 : (q_len - 1) // 2 + 1, :]
+    near = torch.exp(g_in - ref)  # exp(G_t - G_ref), the one exp over every token; the rest derive from it
+    far = torch.reciprocal(near)  # exp(G_ref - G_t), within e^30: as exact as a second exp
+    first = torch.exp((-ref).clamp(max=LOG_RANGE_LIMIT / 2))
+    near_ex = torch.cat([first, near[..., :-1, :]], dim=-2)  # exp(G_{t-1} - G_ref), G_{-1} = 0
+    # factors first: the products take their head-major layout, the time-major inputs are read in place
+    left = flat(torch.cat([near * chunked(r), near_ex * chunked(a)], dim=-2))  # (N, 2Q, K): rows r_t, a_t
+    right = flat(torch.cat([far * chunked(k), far * chunked(b)], dim=-2))  # rows k_s, b_s
+    vc = flat(chunked(v).contiguous())
+    pair = torch.bmm(left, right.transpose(1, 2))  # (N, 2Q, 2Q)
     # masked entries are replaced, not multiplied by zero: they can be large
-    pair = torch.where(torch.cat([torch.cat([incl, incl], 1), torch.cat([strict, strict], 1)], 0), pair, 0.0)
+    pair = pair.masked_fill(_pair_mask(q_len, r.device), 0.0)
     a_rk, a_rb = pair[:, :q_len, :q_len], pair[:, :q_len, q_len:]  # s <= t
     a_ak, a_ab = pair[:, q_len:, :q_len], pair[:, q_len:, q_len:]  # s < t
     # u_t = a_t^T S_{t-1} = (a_t e^{G_{t-1}})^T S_0 + sum_{s<t} A_ak[t,s] v_s + A_ab[t,s] u_s, i.e.
     # (I - A_ab) u = A_ak v + W S_0: u = (T A_ak) v + (T W) S_0 with T = (I - A_ab)^-1 (the WY form).
+    ref_exp = flat(torch.exp(ref))  # (N, 1, K): exp(G_ref) <= 1
     inverse = _unit_lower_inverse(a_ab)
     t_ak = torch.bmm(inverse, a_ak)
-    u_state = torch.bmm(inverse, ac * torch.exp(g_ex))
+    state_rows = left[:, q_len:] * ref_exp  # W: a_t e^{G_{t-1}}
+    state_rows[:, :1] = flat(chunked(a)[..., :1, :])  # row 0 is a_0 itself, exactly, whatever the clamp did
+    u_state = torch.bmm(inverse, state_rows)
     # o = A_rk v + A_rb u + (r e^G) S_0 = intra v + read S_0
     intra = torch.baddbmm(a_rk, a_rb, t_ak)
-    read = torch.baddbmm(rc * torch.exp(g_in), a_rb, u_state)
+    read = torch.baddbmm(left[:, :q_len] * ref_exp, a_rb, u_state)
     # S_end = diag(e^{G_Q}) S_0 + sum_s e^{G_Q - G_s} (k_s v_s^T + b_s u_s^T) = trans S_0 + write^T v
-    to_end = torch.exp(g_in[:, -1:] - g_in)
-    bd = bc * to_end
-    write = torch.baddbmm(kc * to_end, t_ak.transpose(1, 2), bd)
+    end_exp = flat(torch.exp(g_in[..., -1:, :] - ref))  # (N, 1, K): exp(G_Q - G_ref) <= 1
+    to_end = right * end_exp  # rows k_s e^{G_Q - G_s}, b_s e^{G_Q - G_s}
+    kd, bd = to_end[:, :q_len], to_end[:, q_len:]
+    write = torch.baddbmm(kd, t_ak.transpose(1, 2), bd)
     trans = torch.bmm(bd.transpose(1, 2), u_state)
-    trans = trans + torch.diag_embed(torch.exp(g_in[:, -1]))
+    decay = (end_exp * ref_exp)[:, 0]  # exp(G_Q) on the diagonal
+    trans = trans + torch.diag_embed(decay) if differentiable else trans
+    if not differentiable:
+        trans.diagonal(dim1=-2, dim2=-1).add_(decay)
     inject = torch.bmm(write.transpose(1, 2), vc)
     # carry the state across chunks; unbind once so the backward does not rebuild a full gradient per step
     state = vc.new_zeros(rows, dk, dv) if initial_state is None else initial_state.to(cdt).reshape(rows, dk, dv)
-    before = []
-    steps = zip(trans.view(rows, n, dk, dk).unbind(1), inject.view(rows, n, dk, dv).unbind(1))
-    for step_trans, step_inject in steps:
-        before.append(state)
-        state = torch.baddbmm(step_inject, step_trans, state)
-    states = torch.stack(before, dim=1).view(rows * n, dk, dv)  # the state entering each chunk
-    o = torch.baddbmm(torch.bmm(intra, vc), read, states)
+    steps = list(zip(trans.view(rows, n, dk, dk).unbind(1), inject.view(rows, n, dk, dv).unbind(1)))
+    if differentiable:
+        entering = []
+        for step_trans, step_inject in steps:
+            entering.append(state)
+            state = torch.baddbmm(step_inject, step_trans, state)
+        entering = torch.stack(entering, dim=1)
+    else:  # the states entering the chunks, filled in place (contiguous per chunk)
+        entering = state.new_empty(n, rows, dk, dv)
+        entering[0].copy_(state)
+        for c in range(n - 1):
+            torch.baddbmm(steps[c][1], steps[c][0], entering[c], out=entering[c + 1])
+        state = torch.baddbmm(steps[-1][1], steps[-1][0], entering[-1])
+        entering = entering.transpose(0, 1)
+    o = torch.baddbmm(torch.bmm(intra, vc), read, entering.reshape(rows * n, dk, dv))
     if scale != 1.0:  # RWKV-7 layers use 1
         o = o * scale
     o = o.view(batch, heads, n * q_len, dv).transpose(1, 2)[:, :length]
     return o, state.view(batch, heads, dk, dv)
+
+
+def _pair_mask(q_len: int, device: torch.device) -> Tensor:
+    """``(2Q, 2Q)`` True where a pair is masked: rows ``r_t`` keep keys ``s <= t``, rows ``a_t`` keep ``s < t``."""
+    free = torch.ones(q_len, q_len, dtype=torch.bool, device=device)
+    above, on_or_above = free.triu(1), free.triu()
+    return torch.cat([torch.cat([above, above], 1), torch.cat([on_or_above, on_or_above], 1)], 0)
 
 
 def rwkv7(
@@ -264,8 +292,11 @@ def rwkv7(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     with torch.autocast(r.device.type, enabled=False):
+        inputs = (r, w, k, v, a, b, initial_state)
+        differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
         o, state = _rwkv7_chunk(
-            r, w, k, v, a, b, _scale(scale, r.shape[-1]), initial_state, _effective_chunk(chunk_size, w)
+            r, w, k, v, a, b, _scale(scale, r.shape[-1]), initial_state, _effective_chunk(chunk_size, w),
+            differentiable,
         )
     return o.to(v.dtype), (state if output_final_state else None)
 
