@@ -154,10 +154,11 @@ def _per_channel_terms(
     from_start = torch.exp(cum)  # in [e^-60, 1]
     decay = from_start[..., -1, :] if differentiable else from_start[..., -1, :].clone()
     inplace = not differentiable
+    # k_s exp(-G_s) <= e^60 |k_s|. Under autograd two exps, not exp(G) and its reciprocal or a division: their
+    # backward squares exp(G), which underflows where exp(-G) is large, and loses terms of order one. The
+    # forward alone takes the reciprocal (as exact as an exp, several times cheaper), into cum's buffer.
+    k_rel = _scaled(torch.reciprocal(from_start, out=cum) if inplace else torch.exp(-cum), kc, inplace)
     q_in = _scaled(from_start, qc, inplace)
-    # k_s exp(-G_s) <= e^60 |k_s|. Two exps, not exp(G) and its reciprocal or a division: their backward
-    # squares exp(G), which underflows where exp(-G) is large, and loses terms of order one.
-    k_rel = _scaled(cum.neg_().exp_() if inplace else torch.exp(-cum), kc, inplace)
     scores = q_in @ k_rel.transpose(-1, -2)
     intra = scores.tril_() if inplace else scores.tril()  # replaces the (possibly huge) upper entries by zeros
     return intra, q_in, k_rel, decay, decay  # written state: exp(G_Q) (k exp(-G))ᵀ v, scaled per key row

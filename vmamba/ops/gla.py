@@ -85,7 +85,7 @@ def gla(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked gated linear attention (the default form).
 
@@ -96,7 +96,8 @@ def gla(
         scale: query scale; ``None`` means ``K ** -0.5``.
         initial_state: ``(B, H, K, V)``; zeros when None.
         output_final_state: also return the state after the last token.
-        chunk_size: tokens per chunk (a power of two is fastest).
+        chunk_size: tokens per chunk (a power of two is fastest; 32 measured about 10% faster than 64 on CPU
+            at T=3136, H=4, K=V=32).
 
     Returns:
         ``(o (B, T, H, V) in q's dtype, final_state (B, H, K, V) float32 or None)``.

@@ -154,7 +154,7 @@ def ssd(
     A: Tensor,
     B: Tensor,
     C: Tensor,
-    chunk_size: int = 64,
+    chunk_size: int = 32,
     D: Tensor | None = None,
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
@@ -169,7 +169,10 @@ def ssd(
         dt: ``(B, T, H)`` step sizes (before ``dt_bias`` / softplus when those are given).
         A: ``(H,)`` negative decay rates (``-exp(A_log)``).
         B, C: ``(B, T, G, N)``, ``G`` dividing ``H``.
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk. 32 (mamba-ssm uses 256 on GPUs): measured on CPU at T=3136, 6 heads
+            of 32, d_state 64, it is as fast as 64 for mild decays and about 1.7x faster for strong ones, whose
+            (chunk, head) pairs past the factorisation's range need the exact masked block (see
+            :func:`vmamba.ops.chunking.chunked_heads_decay_attention`).
         D: ``(H,)`` or ``(H, P)`` skip connection.
         z: ``(B, T, H, P)`` gate: ``y * silu(z)``.
         dt_bias: ``(H,)`` added to dt.
