@@ -84,6 +84,16 @@ def _to_channels_first(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2)
 
 
+def _conv_channels_last(conv: nn.Conv2d, images: Tensor) -> Tensor:
+    """``conv`` on ``(B, C, H, W)`` images with its output laid out channel-last: ``(B, H', W', C')`` contiguous.
+
+    The input is converted to channels_last memory first (a copy of the small input, not of the wider output),
+    so the convolution writes NHWC directly and the LayerNorm after it reads a contiguous last axis: no copy
+    of the output. Same values (up to the convolution's float rounding).
+    """
+    return _to_channels_last(conv(images.contiguous(memory_format=torch.channels_last)))
+
+
 class ConvStem(nn.Module):
     """Two overlapping stride-2 3x3 convs: ``(B, in_chans, H, W) -> (B, ceil(H/4), ceil(W/4), dim)``.
 
@@ -95,14 +105,14 @@ class ConvStem(nn.Module):
     def __init__(self, in_chans: int, dim: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1)
-        self.norm1 = LayerNormNd(dim // 2, eps=norm_eps)
+        self.norm1 = LayerNormNd(dim // 2, eps=norm_eps, channels_last=True)  # same parameters as channel-first
         self.act = nn.GELU()
         self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.norm1(self.conv1(x)))
-        return self.norm2(_to_channels_last(self.conv2(x)))
+        x = self.act(self.norm1(_conv_channels_last(self.conv1, x)))  # (B, H/2, W/2, dim/2)
+        return self.norm2(_to_channels_last(self.conv2(_to_channels_first(x))))
 
 
 class PatchStem(nn.Module):
@@ -117,7 +127,7 @@ class PatchStem(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(_to_channels_last(self.conv(x)))
+        return self.norm(_conv_channels_last(self.conv, x))
 
 
 class ConvDownsample(nn.Module):
