@@ -113,9 +113,10 @@ def retention_ref(
         q32, k32, v32 = q.to(cdt), k.to(cdt), v.to(cdt)
         state = q32.new_zeros(batch, heads, dk, v.shape[-1]) if initial_state is None else initial_state.to(cdt)
         outs = []
-        for t in range(length):
-            state = gamma * state + k32[:, t, :, :, None] * v32[:, t, :, None, :]
-            outs.append(torch.einsum("bhk,bhkv->bhv", q32[:, t], state) * s)
+        # unbind, not k32[:, t]: each indexing op's backward would write a full-size gradient per step (O(T^2))
+        for q_t, k_t, v_t in zip(*(t.unbind(1) for t in (q32, k32, v32))):
+            state = gamma * state + k_t[..., None] * v_t[..., None, :]
+            outs.append(torch.einsum("bhk,bhkv->bhv", q_t, state) * s)
         o = torch.stack(outs, dim=1) if outs else v32.new_zeros(v.shape)
     return o.to(v.dtype), _final(state, output_final_state)
 

@@ -87,14 +87,11 @@ def rwkv7_ref(
         decay = torch.exp(w)
         state = r.new_zeros(batch, heads, dk, v.shape[-1]) if initial_state is None else initial_state.to(cdt)
         outs = []
-        for t in range(length):
-            sa = torch.einsum("bhk,bhkv->bhv", a[:, t], state)
-            state = (
-                decay[:, t, :, :, None] * state
-                + b[:, t, :, :, None] * sa[:, :, None, :]
-                + k[:, t, :, :, None] * v[:, t, :, None, :]
-            )
-            outs.append(torch.einsum("bhk,bhkv->bhv", r[:, t], state) * s)
+        # unbind, not a[:, t]: each indexing op's backward would write a full-size gradient per step (O(T^2))
+        for r_t, d_t, k_t, v_t, a_t, b_t in zip(*(t.unbind(1) for t in (r, decay, k, v, a, b))):
+            sa = torch.einsum("bhk,bhkv->bhv", a_t, state)
+            state = d_t[..., None] * state + b_t[..., None] * sa[:, :, None, :] + k_t[..., None] * v_t[:, :, None, :]
+            outs.append(torch.einsum("bhk,bhkv->bhv", r_t, state) * s)
         o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
     return o.to(out_dtype), (state if output_final_state else None)
 
