@@ -17,7 +17,9 @@ Forms (:class:`RetentionMode`), all giving the same numbers:
   chunks carrying the state.
 
 Retention is the scalar-decay case of the shared engine in :mod:`vmamba.ops.chunking` (also behind SSD
-and GLA), which evaluates the parallel and chunked forms.
+and GLA): the parallel and chunked forms run on :func:`~vmamba.ops.chunking.chunked_heads_decay_attention`
+with one head per batch row (the parallel form as a single chunk), whose in-chunk block factorises exactly
+around each chunk's midpoint for RetNet's gentle decays (no ``exp`` over the ``Q x Q`` block).
 
 :func:`retention_step` is the single-step form for streaming inference.
 """
@@ -28,7 +30,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
+from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
 
 __all__ = [
     "RetentionMode",
@@ -201,11 +203,16 @@ def retention(
     if mode is RetentionMode.RECURRENT:
         return retention_ref(q, k, v, scale, initial_state, output_final_state)
     with torch.autocast(q.device.type, enabled=False):
-        qh, kh, vh, log_decay = _head_major(q, k, v, _scale(scale, q.shape[-1]))
-        s0 = None if initial_state is None else initial_state.to(qh.dtype)
-        if mode is RetentionMode.PARALLEL:
-            o, state = quadratic_decay_attention(qh, kh, vh, log_decay, s0)
-        else:
-            o, state = chunked_decay_attention(qh, kh, vh, log_decay, s0, chunk_size)
-        o = o.transpose(1, 2)
+        batch, length, heads, dk = q.shape
+        cdt = compute_dtype(q, k, v)
+        # every head its own batch row of the heads engine (R = 1): (B H, T, D), decays (B H, T, 1)
+        qh, kh, vh = (t.to(cdt).transpose(1, 2).reshape(batch * heads, length, -1) for t in (q, k, v))
+        log_decay = retention_log_decays(heads, q.device, cdt)[None, :, None].expand(batch, heads, length)
+        s0 = None if initial_state is None else initial_state.to(cdt).reshape(batch * heads, dk, 1, -1)
+        size = max(1, length) if mode is RetentionMode.PARALLEL else chunk_size  # parallel: one chunk
+        o, state = chunked_heads_decay_attention(
+            qh, kh, vh[:, :, None], log_decay.reshape(batch * heads, length, 1), s0, size, _scale(scale, dk)
+        )
+        o = o.view(batch, heads, length, -1).transpose(1, 2)
+        state = state.view(batch, heads, dk, -1)
     return o.to(v.dtype), _final(state, output_final_state)
