@@ -4,6 +4,20 @@ Sizes (issue 4): B=1, H=4, T=3136 (a 56x56 map), K=V=32. RWKV-7 inputs are built
 (log-decay in (-e^-0.5, 0), ``a = -kk``, ``b = kk * iclr`` with unit-norm ``kk``). Every ratio is
 ``loop time / chunked time`` from one interleaved run. Target: each chunked op at least 20x faster than its
 loop reference, forward.
+
+Where the floor is (one thread, CPU time, medians; provisional, measured on a shared machine):
+
+* Retention runs on the heads engine with one head per batch row: the in-chunk block factorises exactly
+  around each chunk's midpoint, so no exp over ``Q x Q`` blocks; 13-15x before this session, 16-17x after.
+* RWKV-7: the delta rule's in-chunk system needs about a dozen batched products per chunk over 784
+  matrices of 16x16 to 32x32 (Q=16); at these sizes each batched call costs ~1 ms whatever its shape
+  (per-matrix overhead, 10-20 GFLOP/s), and the 196-step chunk loop carries a 32x32 transition per chunk
+  (~2 ms). Q=8 and Q=32 measured slower, and ``torch.linalg.solve_triangular`` slower than the nilpotent
+  product (1.5 against 2.8 ms at Q=16). ~20 ms against a ~180-215 ms loop: 8-9x before the loop reference's
+  O(T^2)-backward fix and this session's changes, ~9-10x after; 20x needs a fused kernel, not more
+  PyTorch ops.
+The loop references iterate over unbound time steps; indexing ``x[:, t]`` made their backward write a
+full-size gradient per step (the loop's forward+backward took over a minute at this size).
 """
 from __future__ import annotations
 

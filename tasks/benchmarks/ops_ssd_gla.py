@@ -3,6 +3,22 @@
 Sizes (issue 4): B=1, H=4, T=3136 (a 56x56 map), K=V=32 for GLA; SSD with 6 heads of head dim 32 and
 d_state 64 (one B/C group). Every ratio is ``loop time / chunked time`` from one interleaved run.
 Target: every chunked op at least 20x faster than its loop reference, forward.
+
+Where the floor is (measured on this machine kind, one thread, CPU time, medians; provisional, the machine
+was shared while measuring):
+
+* SSD: the chunked form does the same ``2 T N H P`` = 77M multiply-adds for the state write and read as
+  the loop (which spends them elementwise, ~100 ms), plus the block products (``T Q (N + H P)``, 26M at
+  Q=32). Batched matmuls of these shapes run at 50-85 GFLOP/s on one thread, so the matmuls alone take
+  ~3-4 ms: about 25x is the ceiling of any chunked pure-PyTorch form on one thread; measured 6-8x before
+  this session's changes, 11-12x after (time-major heads engine: one matmul over all heads per product,
+  the in-chunk block factorised instead of an exp per block entry; chunk 32). The strong decays used here
+  (A down to -16) leave a few (chunk, head) pairs on the exact masked block.
+* GLA: ~51M multiply-adds (four batched matmuls per chunk), plus cumsum/exp/reciprocal passes over
+  ``(T, H, K)`` and a 98-step chunk loop: ~5.5-6 ms against a ~70 ms loop, ~10-11x on one thread.
+Two threads speed the matmuls and the large elementwise passes, not the loop reference (its per-step
+tensors are below PyTorch's parallel grain) nor the chunk loop, so the benchmark's two-thread ratios come
+out higher than these one-thread ones.
 """
 from __future__ import annotations
 

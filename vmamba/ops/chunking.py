@@ -9,10 +9,24 @@ channel (GLA: ``g (..., T, K)``). Unrolled, ``o = M v`` with the lower-triangula
 The chunked form cuts T into chunks of Q tokens: inside a chunk it builds M's diagonal block densely
 (matmuls), across chunks it carries the (K, V) state with a short loop over chunks.
 
+Two engines:
+
+* :func:`chunked_decay_attention` — head-major ``(..., T, K)`` with broadcasting batch dims; per-channel
+  decays (GLA) and the mixing matrices.
+* :func:`chunked_heads_decay_attention` — time-major, for R heads that share q and k and each have a scalar
+  decay (SSD's heads within a B/C group; RetNet with one head per batch row): the R heads' values sit side by
+  side, so the block product, the state write and the state read are one matmul each over all heads.
+
 Numerical stability (nothing here can overflow, however strong the decay and however long the sequence):
 
-* Scalar decays: the block is ``(q kᵀ) * exp(G_t - G_s)``, the difference masked to ``-inf`` above the
-  diagonal, so every exponent evaluated is ``<= 0``.
+* Scalar decays (head-major engine, and steep chunks of the heads engine): the block is
+  ``(q kᵀ) * exp(G_t - G_s)``, the difference masked to ``-inf`` above the diagonal, so every exponent
+  evaluated is ``<= 0``.
+* Scalar decays in the heads engine: ``exp(G_t - G_s) = exp(G_t - m) exp(m - G_s)`` with ``m`` the midpoint
+  of the chunk's range, so the block product is ``exp(G_t - m) * (tril(q kᵀ) @ (exp(m - G_s) v))``: no
+  ``exp`` over the ``Q x Q`` block, one matmul for all heads. Taken per (chunk, head) while the chunk's total
+  log-decay is within ``2 * LOG_RANGE_LIMIT`` (each factor ``<= e^60``); steeper pairs get the exact masked
+  block (:func:`_steep_blocks`). Both exact; tests drive each.
 * Per-channel decays take the fast factorisation ``(q exp G)(k exp -G)ᵀ`` (``G`` the in-chunk cumulative
   log-decay, restarted in every chunk) only when every chunk's total decay stays within
   :data:`LOG_RANGE_LIMIT`, so ``exp(-G) <= e^60``; entries above the diagonal (which can be large) are

@@ -11,8 +11,9 @@ the input dtype (float64 stays float64; autocast is off inside), returns ``y`` i
 in the accumulation dtype.
 
 SSD is decayed linear attention with ``q = C``, ``k = B``, ``v = dt * x`` and the log-decay ``dt * A``, so
-the chunked and quadratic forms run on :mod:`vmamba.ops.chunking` (B and C stay shared by their group of
-heads, the ``C Bᵀ`` products are formed once per group).
+the chunked and quadratic forms run on :func:`vmamba.ops.chunking.chunked_heads_decay_attention`: time-major,
+a group's heads side by side, B and C shared (the ``C Bᵀ`` products, the state write ``Bᵀ v`` and read
+``C S`` are one matmul per group and chunk for all its heads).
 
 Forms, all giving the same numbers:
 
