@@ -14,9 +14,13 @@ them. Targets checked (each line says met / missed):
 * issue 8: the fused kernel >= 5x the chunked PyTorch path at (B=1, D=384, N=16, L=4096), forward and
   forward+backward.
 
-Measured (2 threads, provisional: other jobs shared the CPU; ratios from single-thread side-by-side runs of the
-same process): at (D=384, N=16, L=4096) the fused path ran about 6.3x the chunked path forward and 6.8x
-forward+backward; at (D=192, N=16) 8.6x / 6.4x; at (D=384, N=1) 3.6x / 3.7x.
+Measured 2026-11-29 on the 2-core machine while other jobs loaded it (load average ~7), so provisional; the
+lead re-measures on a quiet machine. ``--threads 1`` run (medians): default vs chunked 7.1x forward and 8.2x
+forward+backward at (D=384, N=16, L=4096); 8.8x / 7.6x at (D=192, N=16); 2.7x / 3.9x at (D=384, N=1).
+Default vs loop, forward: 22x at (D=192, N=16) and 16x at (D=384, N=1), where the fused forward's minimum
+over repeats was 2.5 ms against the median 7.3 ms the table printed (noise). For comparison, before the
+kernel read the (B, D, L) layout in place (quiet machine, 2 threads): fused vs chunked 2.96x / 2.93x at the
+target shape, and 12.7x / 11.4x fused vs loop forward at the two issue-2 shapes.
 """
 from __future__ import annotations
 
