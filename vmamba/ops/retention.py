@@ -108,7 +108,7 @@ def retention_ref(
     """Plain recurrent loop over T: the reference every other form is tested against."""
     _check(q, k, v, initial_state)
     with torch.autocast(q.device.type, enabled=False):
-        batch, length, heads, dk = q.shape
+        batch, _, heads, dk = q.shape
         s = _scale(scale, dk)
         cdt = compute_dtype(q, k, v)
         gamma = retention_log_decays(heads, q.device, cdt).exp()[None, :, None, None]

@@ -80,7 +80,7 @@ def rwkv7_ref(
     """Plain recurrent loop over T: the reference every other form is tested against."""
     _check(r, w, k, v, a, b, initial_state)
     with torch.autocast(r.device.type, enabled=False):
-        batch, length, heads, dk = r.shape
+        batch, _, heads, dk = r.shape
         s = _scale(scale, dk)
         cdt, out_dtype = compute_dtype(r, w, k, v, a, b), v.dtype
         r, w, k, v, a, b = (t.to(cdt) for t in (r, w, k, v, a, b))
