@@ -40,6 +40,28 @@ def test_three_modes_agree(length: int, with_state: bool) -> None:
     torch.testing.assert_close(o, retention_ref(q, k, v, initial_state=None)[0])
 
 
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_head_major_engine_with_scalar_decays(chunk: int) -> None:
+    """chunking.chunked_decay_attention still takes one decay per head (``(..., T, 1)``); the ops now run on
+    the heads engine, so its scalar path is checked here against the loop, with gradients."""
+    from vmamba.ops.chunking import chunked_decay_attention
+
+    q, k, v, s0 = make(2, 45, 3, 5, 4, state=True)
+    leaves = [t.requires_grad_() for t in (q, k, v, s0)]
+    scale = 5**-0.5
+    log_decay = retention_log_decays(3, dtype=F64)[None, :, None, None].expand(2, 3, 45, 1)
+    o, state = chunked_decay_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), log_decay, s0, chunk_size=chunk, scale=scale
+    )
+    ref, ref_state = retention_ref(q, k, v, scale=scale, initial_state=s0, output_final_state=True)
+    torch.testing.assert_close(o.transpose(1, 2), ref)
+    torch.testing.assert_close(state, ref_state)
+    got = torch.autograd.grad(o.sum() + state.sum(), leaves)
+    want = torch.autograd.grad(ref.sum() + ref_state.sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 @pytest.mark.parametrize("mode", ["chunk", "parallel"])
 def test_gradients_match_loop(mode: str) -> None:
     q, k, v, s0 = make(2, 19, 2, 4, 3, state=True)
