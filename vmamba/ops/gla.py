@@ -13,7 +13,9 @@ Forms, all giving the same numbers:
 * :func:`gla_ref` — the plain loop over T, the reference.
 * :func:`gla` (default) — chunked (:mod:`vmamba.ops.chunking`): the in-chunk block of the mixing matrix is
   built by recursive halving so every exponent is a forward sum of log-decays (``<= 0``); no
-  ``exp(-cumsum g)`` factor that overflows under strong decay.
+  ``exp(-cumsum g)`` factor that overflows under strong decay. When no input needs a gradient (inference)
+  and the fused backend is active, it runs the fused C++ recurrence instead
+  (:mod:`vmamba.ops.fused.recurrence`; float32 / half inputs on CPU).
 * :func:`gla_quadratic` / :func:`gla_mixing_matrix` — the quadratic form ``o = M v`` with
   ``M[t, s] = scale * sum_k q[t,k] k[s,k] exp(sum_{s<u<=t} g[u,k])``.
 * :func:`gla_step` — one token, for streaming inference.
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
+from .fused.recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = ["gla", "gla_ref", "gla_step", "gla_quadratic", "gla_mixing_matrix"]
 
@@ -112,6 +115,13 @@ def gla(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if fused_recurrence_applies(q, k, v, g, initial_state):  # inference: the fused C++ recurrence
+        _check(q, k, v, g, initial_state)
+        with torch.autocast(q.device.type, enabled=False):
+            o, state = fused_recurrence(
+                q, k, v, g.float().exp(), q.shape[2], _scale(scale, q.shape[-1]), initial_state
+            )
+        return o.to(q.dtype), state if output_final_state else None
     return _run(chunked_decay_attention, q, k, v, g, scale, initial_state, output_final_state, chunk_size=chunk_size)
 
 

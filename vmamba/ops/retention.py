@@ -21,6 +21,9 @@ and GLA): the parallel and chunked forms run on :func:`~vmamba.ops.chunking.chun
 with one head per batch row (the parallel form as a single chunk), whose in-chunk block factorises exactly
 around each chunk's midpoint for RetNet's gentle decays (no ``exp`` over the ``Q x Q`` block).
 
+When no input needs a gradient (inference) and the fused backend is active, the ``chunk`` and ``parallel``
+modes run the fused C++ recurrence instead (:mod:`vmamba.ops.fused.recurrence`; float32 / half on CPU).
+
 :func:`retention_step` is the single-step form for streaming inference.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
+from .fused.recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = [
     "RetentionMode",
@@ -202,6 +206,13 @@ def retention(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if mode is RetentionMode.RECURRENT:
         return retention_ref(q, k, v, scale, initial_state, output_final_state)
+    if fused_recurrence_applies(q, k, v, initial_state):  # inference: the fused C++ recurrence
+        with torch.autocast(q.device.type, enabled=False):
+            batch, length, heads, dk = q.shape
+            gamma = retention_log_decays(heads, q.device, torch.float32).exp()  # one scalar decay per head
+            alpha = gamma[None, None, :, None].expand(batch, length, heads, 1)  # stride 0: no copy
+            o, state = fused_recurrence(q, k, v, alpha, heads, _scale(scale, dk), initial_state)
+        return o.to(v.dtype), _final(state, output_final_state)
     with torch.autocast(q.device.type, enabled=False):
         batch, length, heads, dk = q.shape
         cdt = compute_dtype(q, k, v)

@@ -14,7 +14,9 @@ Forms, all giving the same numbers:
 * :func:`rwkv7` (default) — chunked: inside a chunk of Q tokens the delta-rule corrections
   ``u_t = a_t^T S_{t-1}`` satisfy a unit lower-triangular system (the WY form) whose inverse is a short
   product of matmuls (the strictly lower part is nilpotent); everything else is dense matmuls; a short
-  loop over chunks carries the state with one ``K x K`` transition per chunk.
+  loop over chunks carries the state with one ``K x K`` transition per chunk. When no input needs a gradient
+  (inference) and the fused backend is active, it runs the fused C++ recurrence instead
+  (:mod:`vmamba.ops.fused.recurrence`; float32 / half on CPU).
 * :func:`rwkv7_mixing_matrix` — the quadratic form: given ``(r, w, k, a, b)`` the op is linear in ``v``,
   ``o = M v`` with ``M[t, s] = scale * r_t^T A_t ... A_{s+1} k_s`` and ``A_t = diag(exp w_t) + b_t a_t^T``.
 * :func:`rwkv7_step` — one token, for streaming inference.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunking import LOG_RANGE_LIMIT, compute_dtype
+from .fused.recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix"]
 
@@ -288,6 +291,12 @@ def rwkv7(
     _check(r, w, k, v, a, b, initial_state)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if fused_recurrence_applies(r, w, k, v, a, b, initial_state):  # inference: the fused C++ recurrence
+        with torch.autocast(r.device.type, enabled=False):
+            o, state = fused_recurrence(
+                r, k, v, w.float().exp(), r.shape[2], _scale(scale, r.shape[-1]), initial_state, a=a, b=b
+            )
+        return o.to(v.dtype), (state if output_final_state else None)
     with torch.autocast(r.device.type, enabled=False):
         inputs = (r, w, k, v, a, b, initial_state)
         differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

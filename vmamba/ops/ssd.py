@@ -19,6 +19,8 @@ Forms, all giving the same numbers:
 
 * :func:`ssd_ref` — the plain loop over T, the reference.
 * :func:`ssd` (default) — chunked: dense matmuls inside chunks, a short loop over chunks carrying the state.
+  When no input needs a gradient (inference) and the fused backend is active, it runs the fused C++
+  recurrence instead (:mod:`vmamba.ops.fused.recurrence`; float32 / half on CPU).
 * :func:`ssd_quadratic` / :func:`ssd_mixing_matrix` — the quadratic form ``y = M (x) + D x`` with the
   semi-separable ``M[t, s] = C_t . B_s exp(sum_{s<u<=t} dt_u A) dt_s``.
 * :func:`ssd_step` — one token, for streaming inference (mamba-ssm's ``selective_state_update`` order).
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
+from .fused.recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]
 
@@ -195,10 +198,39 @@ def ssd(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if fused_recurrence_applies(x, dt, A, B, C, D, z, dt_bias, initial_states):
+        return _fused(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, return_final_states)
     return _run(
         chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
         return_final_states, chunk_size=chunk_size,
     )
+
+
+def _fused(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    initial_states: Tensor | None,
+    return_final_states: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Inference on the fused C++ recurrence: ``q = C``, ``k = B`` (grouped: the kernel maps head h to group
+    ``h // (H / G)``), ``v = dt x``, a scalar decay ``exp(dt A)`` per head; its ``N x P`` state is the transpose
+    of SSD's ``(P, N)`` one. Arguments and returns as :func:`ssd`."""
+    _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = torch.float32
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        v = x.to(dtype) * dt[..., None]  # (B, T, H, P)
+        s0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (B, H, N, P)
+        y, state = fused_recurrence(C, B, v, log_decay.exp()[..., None], x.shape[2], 1.0, s0)
+        final = state.transpose(-1, -2).contiguous() if return_final_states else None
+        return _finish(y, x, D, z, dtype), final
 
 
 def ssd_quadratic(

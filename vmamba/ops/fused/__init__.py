@@ -7,6 +7,7 @@ error saying why it cannot be built) or by :func:`set_scan_backend`. The first b
 seconds and is cached per machine under ``$VMAMBA_CACHE`` (default ``~/.cache/vmamba``).
 """
 from .loader import (
+    FusedKernel,
     FusedUnavailable,
     ScanBackend,
     forced_scan_backend,
@@ -22,8 +23,10 @@ from .multi_scan import (
     fused_selective_scan_forward,
     selective_checkpoints_shape,
 )
+from .recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = [
+    "FusedKernel",
     "FusedUnavailable",
     "ScanBackend",
     "fused_status",
@@ -36,6 +39,8 @@ __all__ = [
     "fused_selective_scan_backward",
     "fused_selective_scan_forward",
     "selective_checkpoints_shape",
+    "fused_recurrence",
+    "fused_recurrence_applies",
     "MAX_D_STATE",
 ]
 

@@ -15,12 +15,11 @@ from typing import Iterator
 import torch
 
 __all__ = [
-    "ScanBackend", "FusedUnavailable", "scan_backend", "set_scan_backend", "forced_scan_backend", "use_fused",
-    "fused_status", "load",
+    "ScanBackend", "FusedKernel", "FusedUnavailable", "scan_backend", "set_scan_backend", "forced_scan_backend",
+    "use_fused", "fused_status", "load",
 ]
 
 _LOG = logging.getLogger("vmamba.ops.fused")
-_SOURCE = Path(__file__).with_name("multi_scan.cpp")
 _ENV = "VMAMBA_SCAN_BACKEND"
 
 
@@ -30,18 +29,29 @@ class ScanBackend(str, Enum):
     FUSED = "fused"  # the fused C++ kernels, or an error
 
 
+class FusedKernel(str, Enum):
+    """The compiled extensions, one per C++ source in this folder (each built and cached on its own)."""
+
+    MULTI_SCAN = "multi_scan"  # the selective scans (multi_scan.cpp)
+    RECURRENCE = "recurrence"  # the decayed linear recurrence of GLA / retention / SSD / RWKV-7 (recurrence.cpp)
+
+    @property
+    def source(self) -> Path:
+        return Path(__file__).with_name(f"{self.value}.cpp")
+
+
 class FusedUnavailable(RuntimeError):
     """The fused kernels were required but cannot be built or loaded here."""
 
 
 _lock = threading.Lock()
-_module: ModuleType | None = None
-_error: str | None = None
+_modules: dict[FusedKernel, ModuleType] = {}
+_errors: dict[FusedKernel, str] = {}
 _override: ScanBackend | None = None
-_announced = False
+_announced: set[FusedKernel] = set()
 
 
-def _cache_dir() -> Path:
+def _cache_dir(kernel: FusedKernel) -> Path:
     # Keyed by CPU and compiler flags as well as the source, since -march=native code is machine specific.
     root = Path(os.environ.get("VMAMBA_CACHE", Path.home() / ".cache" / "vmamba"))
     cpu = platform.processor() or platform.machine()
@@ -50,35 +60,36 @@ def _cache_dir() -> Path:
             cpu += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha1((_SOURCE.read_text() + cpu + torch.__version__).encode()).hexdigest()[:16]
-    path = root / f"multi_scan_{key}"
+    key = hashlib.sha1((kernel.source.read_text() + cpu + torch.__version__).encode()).hexdigest()[:16]
+    path = root / f"{kernel.value}_{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def load() -> ModuleType:
-    """Compile (first time) and import the extension; raises :class:`FusedUnavailable` with the reason."""
-    global _module, _error
+def load(kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> ModuleType:
+    """Compile (first time) and import one extension; raises :class:`FusedUnavailable` with the reason."""
+    kernel = FusedKernel(kernel)
     with _lock:
-        if _module is not None:
-            return _module
-        if _error is not None:
-            raise FusedUnavailable(_error)
+        if kernel in _modules:
+            return _modules[kernel]
+        if kernel in _errors:
+            raise FusedUnavailable(_errors[kernel])
         try:
             from torch.utils import cpp_extension
 
             flags = ["-O3", "-march=native", "-fno-math-errno"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
-            _module = cpp_extension.load(
-                name="vmamba_multi_scan",
-                sources=[str(_SOURCE)],
+            _modules[kernel] = cpp_extension.load(
+                name=f"vmamba_{kernel.value}",
+                sources=[str(kernel.source)],
                 extra_cflags=flags,
-                build_directory=str(_cache_dir()),
+                build_directory=str(_cache_dir(kernel)),
                 verbose=False,
             )
         except Exception as err:  # noqa: BLE001 - any build failure means "fall back"
-            _error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
-            raise FusedUnavailable(_error) from err
-        return _module
+            text = str(err).strip()
+            _errors[kernel] = f"{type(err).__name__}: {text.splitlines()[-1] if text else err}"
+            raise FusedUnavailable(_errors[kernel]) from err
+        return _modules[kernel]
 
 
 def set_scan_backend(backend: ScanBackend | str | None) -> None:
@@ -109,9 +120,8 @@ def scan_backend() -> ScanBackend:
         raise ValueError(f"{_ENV}={value!r}; expected one of {[b.value for b in ScanBackend]}") from None
 
 
-def use_fused(*tensors: torch.Tensor) -> bool:
+def use_fused(*tensors: torch.Tensor, kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> bool:
     """Whether the fused path should run for these tensors (CPU, float32-capable) under the current backend."""
-    global _announced
     backend = scan_backend()
     if backend is ScanBackend.TORCH:
         return False
@@ -121,25 +131,25 @@ def use_fused(*tensors: torch.Tensor) -> bool:
             raise FusedUnavailable("the fused kernels run on CPU tensors only")
         return False
     try:
-        load()
+        load(kernel)
         ok = True
     except FusedUnavailable:
         if backend is ScanBackend.FUSED:
             raise
         ok = False
-    if not _announced:
-        _announced = True
-        _LOG.info("vmamba scan backend: %s", "fused C++ kernels" if ok else f"pure PyTorch ({_error})")
+    if kernel not in _announced:
+        _announced.add(kernel)
+        _LOG.info("vmamba %s backend: %s", kernel.value, "fused C++ kernel" if ok else f"pure PyTorch ({_errors.get(kernel)})")
     return ok
 
 
-def fused_status() -> str:
-    """One line saying which path is active and why."""
+def fused_status(kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> str:
+    """One line saying which path is active for ``kernel`` and why."""
     backend = scan_backend()
     if backend is ScanBackend.TORCH:
         return f"pure PyTorch ({_ENV}=torch)"
     try:
-        load()
+        load(kernel)
         return "fused C++ kernels"
     except FusedUnavailable as err:
         return f"pure PyTorch (fused kernels unavailable: {err})"

@@ -1,0 +1,225 @@
+// Fused CPU forward of the decayed linear recurrence shared by GLA, retention, SSD and RWKV-7.
+//
+// Per (batch item, head) a K x V float32 state S runs through the sequence:
+//
+//   u_t = a_t^T S_{t-1}                                   (only with the delta term, RWKV-7)
+//   S_t = diag(alpha_t) S_{t-1} + b_t u_t^T + k_t v_t^T   (b_t u_t^T only with the delta term)
+//   o_t = scale * q_t^T S_t                               (every op reads the state after the update)
+//
+// Inputs are 4-D (B, T, Hx, D) float32 tensors read through their strides, so the callers pass time-major
+// views without copies. Broadcasting is by convention, not by copies:
+//   * any stride may be 0 (an expanded tensor: retention's per-head decay is (H,) expanded to (B, T, H, 1));
+//   * the channel size of alpha is K (per key channel: GLA, RWKV-7) or 1 (scalar per head: SSD, retention);
+//   * Hx divides H and head h reads head h / (H / Hx) (SSD's grouped B and C serve H / G heads each).
+// alpha is the decay factor itself (exp of the log-decay, taken by the caller in one vectorised pass).
+//
+//     q, k, a, b (B, T, Hx, K)   alpha (B, T, Hx, K or 1)   v (B, T, Hx, V)
+//     h0 (B, H, K, V) or empty   ->   o (B, T, H, V), state (B, H, K, V)
+//
+// Work is split over (batch, head): each task owns its state for the whole sequence. The state lives in a
+// task-local buffer with rows padded to whole SIMD vectors; every V column block is independent (u_t, the
+// update and the read of a column block only touch that block), so a step runs column block by column block
+// with the output accumulators in registers.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#ifndef VMAMBA_LANES
+#if defined(__AVX512F__)
+#define VMAMBA_LANES 16
+#else
+#define VMAMBA_LANES 8
+#endif
+#endif
+constexpr int W = VMAMBA_LANES;
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+
+inline vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// A strided 4-D (B, T, Hx, D) view; `group` = H / Hx heads share one of its heads.
+struct View {
+  const float* data = nullptr;
+  int64_t sb = 0, st = 0, sh = 0, sc = 0;
+  int64_t group = 1;
+  bool scalar_channel = false;  // channel size 1: the same value for every channel
+
+  View() = default;
+  View(const torch::Tensor& x, int64_t heads, const char* name) {
+    TORCH_CHECK(x.dim() == 4, name, " must be 4-D (B, T, H, D), got ", x.dim(), " dims");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, name, " must be float32");
+    TORCH_CHECK(x.size(2) > 0 && heads % x.size(2) == 0, name, ": its head count must divide H=", heads);
+    data = x.data_ptr<float>();
+    sb = x.stride(0);
+    st = x.stride(1);
+    sh = x.stride(2);
+    scalar_channel = x.size(3) == 1;
+    sc = scalar_channel ? 0 : x.stride(3);
+    group = heads / x.size(2);
+  }
+  const float* at(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * st + (h / group) * sh; }
+};
+
+// Gathers `count` strided channels into a contiguous row (the step's per-key scalars).
+inline void gather(const float* p, int64_t stride, int64_t count, float* out) {
+  if (stride == 1) {
+    std::memcpy(out, p, count * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = p[i * stride];
+  }
+}
+
+// One time step on NB column blocks of the state (NB * W columns): each row's per-key scalars are broadcast
+// once for all NB blocks, and the read-out keeps two accumulators per block (rows alternate) so the add chain
+// is half as long. Vector-times-scalar operands broadcast straight from memory.
+struct Step {
+  const float *alpha, *k, *q, *a, *b;
+  int64_t dk, vp;
+  float scale;
+
+  template <int NB, bool DELTA>
+  void run(float* col, const float* v, float* o) const {
+    vf vj[NB], u[NB], acc0[NB], acc1[NB];
+    for (int n = 0; n < NB; ++n) {
+      vj[n] = loadv(v + n * W);
+      u[n] = acc0[n] = acc1[n] = vf{};
+    }
+    if (DELTA) {  // u = a^T S_{t-1}, before the update overwrites S
+      vf u1[NB];
+      for (int n = 0; n < NB; ++n) u1[n] = vf{};
+      int64_t i = 0;
+      for (; i + 1 < dk; i += 2) {
+        for (int n = 0; n < NB; ++n) {
+          u[n] += loadv(col + i * vp + n * W) * a[i];
+          u1[n] += loadv(col + (i + 1) * vp + n * W) * a[i + 1];
+        }
+      }
+      for (; i < dk; ++i)
+        for (int n = 0; n < NB; ++n) u[n] += loadv(col + i * vp + n * W) * a[i];
+      for (int n = 0; n < NB; ++n) u[n] += u1[n];
+    }
+    auto row = [&](int64_t i, vf* acc) {
+      float* p = col + i * vp;
+      for (int n = 0; n < NB; ++n) {
+        vf s = loadv(p + n * W) * alpha[i] + vj[n] * k[i];
+        if (DELTA) s += u[n] * b[i];
+        storev(p + n * W, s);
+        acc[n] += s * q[i];
+      }
+    };
+    int64_t i = 0;
+    for (; i + 1 < dk; i += 2) {
+      row(i, acc0);
+      row(i + 1, acc1);
+    }
+    if (i < dk) row(i, acc0);
+    for (int n = 0; n < NB; ++n) storev(o + n * W, (acc0[n] + acc1[n]) * scale);
+  }
+};
+
+std::vector<torch::Tensor> recurrence_forward(
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& alpha,
+    const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& h0, int64_t heads, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "the fused recurrence runs on CPU tensors only");
+  TORCH_CHECK(v.dim() == 4 && k.dim() == 4 && q.dim() == 4, "q, k, v must be 4-D (B, T, H, D)");
+  const int64_t batch = q.size(0), length = q.size(1), dk = q.size(3), dv = v.size(3);
+  TORCH_CHECK(k.size(0) == batch && k.size(1) == length && k.size(3) == dk, "k must be (B, T, Hk, K) like q");
+  TORCH_CHECK(v.size(0) == batch && v.size(1) == length, "v must be (B, T, Hv, V)");
+  TORCH_CHECK(alpha.size(0) == batch && alpha.size(1) == length && (alpha.size(3) == dk || alpha.size(3) == 1),
+              "alpha must be (B, T, Ha, K or 1)");
+  const bool delta = a.numel() > 0;
+  const View Q(q, heads, "q"), Kt(k, heads, "k"), Vt(v, heads, "v"), Al(alpha, heads, "alpha");
+  View Av, Bv;
+  if (delta) {
+    TORCH_CHECK(a.sizes() == q.sizes() && b.sizes() == q.sizes(), "a and b must match q");
+    Av = View(a, heads, "a");
+    Bv = View(b, heads, "b");
+  }
+  const bool has_h0 = h0.numel() > 0;
+  torch::Tensor init;
+  if (has_h0) {
+    TORCH_CHECK(h0.dim() == 4 && h0.size(0) == batch && h0.size(1) == heads && h0.size(2) == dk &&
+                    h0.size(3) == dv,
+                "h0 must be (B, H, K, V)");
+    init = h0.to(torch::kFloat32).contiguous();
+  }
+  auto out = torch::empty({batch, length, heads, dv}, q.options());
+  auto state = torch::empty({batch, heads, dk, dv}, q.options());
+  float* o_ptr = out.data_ptr<float>();
+  float* s_ptr = state.data_ptr<float>();
+  const float* h0_ptr = has_h0 ? init.data_ptr<float>() : nullptr;
+  const int64_t blocks = (dv + W - 1) / W, vp = blocks * W;
+  const float fscale = static_cast<float>(scale);
+  const bool padded = vp != dv;
+
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    // S (K x vp), padded lanes stay zero since their v and h0 lanes are zero; per-step rows of scalars
+    std::vector<float> S(dk * vp), vrow(vp, 0.f), orow(vp), qrow(dk), krow(dk), arow(dk), alrow(dk), brow(dk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bi = task / heads, h = task % heads;
+      std::fill(S.begin(), S.end(), 0.f);
+      if (h0_ptr) {
+        for (int64_t i = 0; i < dk; ++i) std::memcpy(&S[i * vp], h0_ptr + (task * dk + i) * dv, dv * sizeof(float));
+      }
+      // per-task base pointers, advanced by the time strides (no index arithmetic per step); rows whose
+      // channels are contiguous are read in place, strided ones are gathered
+      const float *qp = Q.at(bi, 0, h), *kp = Kt.at(bi, 0, h), *vpt = Vt.at(bi, 0, h), *alp = Al.at(bi, 0, h);
+      const float *ap = delta ? Av.at(bi, 0, h) : nullptr, *bp = delta ? Bv.at(bi, 0, h) : nullptr;
+      auto row_of = [dk](const float* p, int64_t stride, std::vector<float>& buf) -> const float* {
+        if (stride == 1) return p;
+        gather(p, stride, dk, buf.data());
+        return buf.data();
+      };
+      for (int64_t t = 0; t < length; ++t, qp += Q.st, kp += Kt.st, vpt += Vt.st, alp += Al.st) {
+        const float* qr = row_of(qp, Q.sc, qrow);
+        const float* kr = row_of(kp, Kt.sc, krow);
+        // whole vectors of v and o are used in place; a padded tail goes through the zero-padded rows
+        const float* vr = vrow.data();
+        if (padded || Vt.sc != 1) {
+          gather(vpt, Vt.sc, dv, vrow.data());
+        } else {
+          vr = vpt;
+        }
+        float* o_t = o_ptr + ((bi * length + t) * heads + h) * dv;
+        float* orow_t = padded ? orow.data() : o_t;
+        const float* alr = alrow.data();
+        if (Al.scalar_channel) {
+          std::fill(alrow.begin(), alrow.end(), *alp);
+        } else {
+          alr = row_of(alp, Al.sc, alrow);
+        }
+        const float *ar = nullptr, *br = nullptr;
+        if (delta) {
+          ar = row_of(ap, Av.sc, arow);
+          br = row_of(bp, Bv.sc, brow);
+          ap += Av.st;
+          bp += Bv.st;
+        }
+        const Step step{alr, kr, qr, ar, br, dk, vp, fscale};
+        int64_t j = 0;
+        for (; j + 2 * W <= vp; j += 2 * W) delta ? step.run<2, true>(S.data() + j, vr + j, orow_t + j)
+                                                  : step.run<2, false>(S.data() + j, vr + j, orow_t + j);
+        if (j < vp) delta ? step.run<1, true>(S.data() + j, vr + j, orow_t + j)
+                          : step.run<1, false>(S.data() + j, vr + j, orow_t + j);
+        if (padded) std::memcpy(o_t, orow.data(), dv * sizeof(float));
+      }
+      for (int64_t i = 0; i < dk; ++i) std::memcpy(s_ptr + (task * dk + i) * dv, &S[i * vp], dv * sizeof(float));
+    }
+  });
+  return {out, state};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &recurrence_forward, "fused decayed linear recurrence (GLA / retention / SSD / RWKV-7), forward");
+}
