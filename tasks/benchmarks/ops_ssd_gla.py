@@ -1,8 +1,16 @@
-"""SSD (Mamba-2) and GLA: chunked default against the loop reference, forward and forward+backward.
+"""SSD (Mamba-2) and GLA: the default op, the chunked PyTorch path and the loop reference side by side.
 
 Sizes (issue 4): B=1, H=4, T=3136 (a 56x56 map), K=V=32 for GLA; SSD with 6 heads of head dim 32 and
-d_state 64 (one B/C group). Every ratio is ``loop time / chunked time`` from one interleaved run.
-Target: every chunked op at least 20x faster than its loop reference, forward.
+d_state 64 (one B/C group). Forward columns come from one interleaved run: ``loop`` (the reference),
+``chunked`` (the pure-PyTorch chunked path, ``VMAMBA_SCAN_BACKEND=torch``) and ``default`` (what the op
+dispatches to: for inference, i.e. no input needing a gradient, the fused C++ recurrence of
+:mod:`vmamba.ops.fused.recurrence` when it builds). Forward+backward (training) always runs the chunked
+path. Target (issue 4): every op at least 20x faster than its loop reference, forward; the verdict is on the
+default op.
+
+The fused recurrence spends ``3 K V`` multiply-adds per token and head in SIMD registers with no call
+overheads: about 1-2 ms here against a ~70-130 ms loop (provisional, measured on a loaded 2-core machine:
+roughly 50-100x). What follows explains why the chunked PyTorch path alone stays below the target.
 
 Where the floor is (measured on this machine kind, one thread, CPU time, medians; provisional, the machine
 was shared while measuring):
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 
 from tasks.benchmarks.common import format_ratio, print_table, time_interleaved
 from vmamba.ops import gla, gla_ref, ssd, ssd_ref
+from vmamba.ops.fused import FusedKernel, ScanBackend, forced_scan_backend, fused_status
 
 TARGET_FORWARD_RATIO = 20.0
 
@@ -52,6 +61,14 @@ def _ssd_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return tuple(t.requires_grad_(requires_grad) for t in (x, dt, A, B, C))
 
 
+def _on_backend(backend: ScanBackend, fn: Callable[..., object], inputs: tuple[torch.Tensor, ...], kw: dict):
+    def go() -> None:
+        with forced_scan_backend(backend):
+            fn(*inputs, **kw)
+
+    return go
+
+
 def _forward_backward(fn: Callable[..., tuple[torch.Tensor, object]], inputs: tuple[torch.Tensor, ...], **kw):
     def run() -> None:
         for t in inputs:
@@ -70,26 +87,36 @@ def run(quick: bool) -> None:
         "ssd": (ssd_ref, ssd, _ssd_inputs, {"dt_softplus": True}),
     }
     rows = []
-    for name, (ref, chunked, make, kw) in cases.items():
+    for name, (ref, op, make, kw) in cases.items():
         inputs = make(length, requires_grad=False)
         with torch.no_grad():
             fwd = time_interleaved(
-                {"loop": lambda: ref(*inputs, **kw), "chunked": lambda: chunked(*inputs, **kw)}, repeats=repeats
+                {
+                    "loop": lambda: ref(*inputs, **kw),
+                    "chunked": _on_backend(ScanBackend.TORCH, op, inputs, kw),
+                    "default": lambda: op(*inputs, **kw),
+                },
+                repeats=repeats,
             )
         inputs_g = make(length, requires_grad=True)
         bwd = time_interleaved(
-            {"loop": _forward_backward(ref, inputs_g, **kw), "chunked": _forward_backward(chunked, inputs_g, **kw)},
+            {"loop": _forward_backward(ref, inputs_g, **kw), "chunked": _forward_backward(op, inputs_g, **kw)},
             repeats=max(1, repeats // 2),
         )
-        for label, res in (("forward", fwd), ("forward+backward", bwd)):
-            loop_s, chunk_s = res["loop"].median, res["chunked"].median
-            target = f">= {TARGET_FORWARD_RATIO:.0f}x" if label == "forward" else "-"
-            ok = "" if label != "forward" else (" (met)" if loop_s / chunk_s >= TARGET_FORWARD_RATIO else " (missed)")
-            rows.append(
-                [name, label, f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", format_ratio(loop_s, chunk_s) + ok, target]
-            )
+        loop_s, chunk_s, default_s = (fwd[key].median for key in ("loop", "chunked", "default"))
+        verdict = " (met)" if loop_s / default_s >= TARGET_FORWARD_RATIO else " (missed)"
+        rows.append([
+            name, "forward", f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", f"{default_s * 1e3:.2f}",
+            format_ratio(loop_s, chunk_s), format_ratio(loop_s, default_s) + verdict, f">= {TARGET_FORWARD_RATIO:.0f}x",
+        ])
+        loop_s, chunk_s = bwd["loop"].median, bwd["chunked"].median
+        rows.append([
+            name, "forward+backward", f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", "-",
+            format_ratio(loop_s, chunk_s), "-", "-",
+        ])
     print_table(
-        f"SSD / GLA chunked vs loop reference (T={length}; GLA H=4 K=V=32; SSD H=6 P=32 N=64)",
-        ["op", "pass", "loop ms", "chunked ms", "speed-up", "target"],
+        f"SSD / GLA vs loop reference (T={length}; GLA H=4 K=V=32; SSD H=6 P=32 N=64)",
+        ["op", "pass", "loop ms", "chunked ms", "default ms", "chunked speed-up", "default speed-up", "target"],
         rows,
     )
+    print(f"\ndefault path (inference): {fused_status(FusedKernel.RECURRENCE)}; threads: {torch.get_num_threads()}")
