@@ -162,7 +162,8 @@ def train_mixers(mixers: Sequence[str], settings: TrainSettings) -> list[MixerTr
     results = []
     for mixer in mixers:
         result = train_mixer(mixer, settings, data)
-        print(f"  {mixer}: loss {result.first:.3f} -> {result.last:.3f} in {result.seconds:.0f} s", flush=True)
+        print(f"  {mixer}: {result.params / 1e6:.2f} M params, loss {result.first:.3f} -> {result.last:.3f} "
+              f"(x{result.ratio:.3f}), val top-1 {result.val_top1:.1f} %, {result.seconds:.0f} s", flush=True)
         results.append(result)
     return results
 
