@@ -119,7 +119,7 @@ def gla(
         _check(q, k, v, g, initial_state)
         with torch.autocast(q.device.type, enabled=False):
             o, state = fused_recurrence(
-                q, k, v, g.float().exp(), q.shape[2], _scale(scale, q.shape[-1]), initial_state
+                q, k, v, g, q.shape[2], _scale(scale, q.shape[-1]), initial_state
             )
         return o.to(q.dtype), state if output_final_state else None
     return _run(chunked_decay_attention, q, k, v, g, scale, initial_state, output_final_state, chunk_size=chunk_size)

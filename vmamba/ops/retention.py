@@ -209,9 +209,9 @@ def retention(
     if fused_recurrence_applies(q, k, v, initial_state):  # inference: the fused C++ recurrence
         with torch.autocast(q.device.type, enabled=False):
             batch, length, heads, dk = q.shape
-            gamma = retention_log_decays(heads, q.device, torch.float32).exp()  # one scalar decay per head
-            alpha = gamma[None, None, :, None].expand(batch, length, heads, 1)  # stride 0: no copy
-            o, state = fused_recurrence(q, k, v, alpha, heads, _scale(scale, dk), initial_state)
+            log_gamma = retention_log_decays(heads, q.device, torch.float32)  # one scalar decay per head
+            log_alpha = log_gamma[None, None, :, None].expand(batch, length, heads, 1)  # stride 0: no copy
+            o, state = fused_recurrence(q, k, v, log_alpha, heads, _scale(scale, dk), initial_state)
         return o.to(v.dtype), _final(state, output_final_state)
     with torch.autocast(q.device.type, enabled=False):
         batch, length, heads, dk = q.shape

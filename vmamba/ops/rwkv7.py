@@ -294,7 +294,7 @@ def rwkv7(
     if fused_recurrence_applies(r, w, k, v, a, b, initial_state):  # inference: the fused C++ recurrence
         with torch.autocast(r.device.type, enabled=False):
             o, state = fused_recurrence(
-                r, k, v, w.float().exp(), r.shape[2], _scale(scale, r.shape[-1]), initial_state, a=a, b=b
+                r, k, v, w, r.shape[2], _scale(scale, r.shape[-1]), initial_state, a=a, b=b
             )
         return o.to(v.dtype), (state if output_final_state else None)
     with torch.autocast(r.device.type, enabled=False):

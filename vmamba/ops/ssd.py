@@ -220,15 +220,15 @@ def _fused(
     return_final_states: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Inference on the fused C++ recurrence: ``q = C``, ``k = B`` (grouped: the kernel maps head h to group
-    ``h // (H / G)``), ``v = dt x``, a scalar decay ``exp(dt A)`` per head; its ``N x P`` state is the transpose
+    ``h // (H / G)``), ``v = dt x`` (``dt`` as the kernel's ``v_scale``), a scalar log-decay ``dt A`` per head; its ``N x P`` state is the transpose
     of SSD's ``(P, N)`` one. Arguments and returns as :func:`ssd`."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.float32
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
-        v = x.to(dtype) * dt[..., None]  # (B, T, H, P)
         s0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (B, H, N, P)
-        y, state = fused_recurrence(C, B, v, log_decay.exp()[..., None], x.shape[2], 1.0, s0)
+        # v = dt x is formed inside the kernel (v_scale), x read in place
+        y, state = fused_recurrence(C, B, x, log_decay[..., None], x.shape[2], 1.0, s0, v_scale=dt[..., None])
         final = state.transpose(-1, -2).contiguous() if return_final_states else None
         return _finish(y, x, D, z, dtype), final
 

@@ -3,17 +3,20 @@
 // Per (batch item, head) a K x V float32 state S runs through the sequence:
 //
 //   u_t = a_t^T S_{t-1}                                   (only with the delta term, RWKV-7)
-//   S_t = diag(alpha_t) S_{t-1} + b_t u_t^T + k_t v_t^T   (b_t u_t^T only with the delta term)
+//   S_t = diag(alpha_t) S_{t-1} + b_t u_t^T + k_t (c_t v_t)^T   (b_t u_t^T only with the delta term)
 //   o_t = scale * q_t^T S_t                               (every op reads the state after the update)
 //
 // Inputs are 4-D (B, T, Hx, D) float32 tensors read through their strides, so the callers pass time-major
 // views without copies. Broadcasting is by convention, not by copies:
 //   * any stride may be 0 (an expanded tensor: retention's per-head decay is (H,) expanded to (B, T, H, 1));
-//   * the channel size of alpha is K (per key channel: GLA, RWKV-7) or 1 (scalar per head: SSD, retention);
+//   * the channel size of log_alpha is K (per key channel: GLA, RWKV-7) or 1 (scalar per head: SSD,
+//     retention);
 //   * Hx divides H and head h reads head h / (H / Hx) (SSD's grouped B and C serve H / G heads each).
-// alpha is the decay factor itself (exp of the log-decay, taken by the caller in one vectorised pass).
+// alpha_t = exp(log_alpha_t) is taken here, per step (vectorised), rather than in a separate pass over the
+// whole tensor. c_t is an optional scalar per token and head (SSD's step size dt; 1 when v_scale is empty),
+// so SSD passes x itself as v.
 //
-//     q, k, a, b (B, T, Hx, K)   alpha (B, T, Hx, K or 1)   v (B, T, Hx, V)
+//     q, k, a, b (B, T, Hx, K)   log_alpha (B, T, Hx, K or 1)   v (B, T, Hx, V)   v_scale (B, T, Hx, 1) or empty
 //     h0 (B, H, K, V) or empty   ->   o (B, T, H, V), state (B, H, K, V)
 //
 // Work is split over (batch, head): each task owns its state for the whole sequence. The state lives in a
@@ -23,6 +26,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -45,6 +49,28 @@ inline vf loadv(const float* p) {
   return v;
 }
 inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+// exp for x <= 0 (log-decays), branch-free so it vectorises: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]
+// and p the degree-6 Taylor polynomial (relative error ~2e-7). Inputs below -87 (e^-87 ~ 1.6e-38, a decay
+// that leaves nothing of the state) are clamped so 2^n stays a normal float.
+inline vf vexp(vf x) {
+  x = x < -87.f ? vf{} - 87.f : x;
+  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x * 1.44269504f + magic) - magic;
+  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in two for an exact product
+  vf p = vf{} + (1.f / 720.f);
+  p = p * r + (1.f / 120.f);
+  p = p * r + (1.f / 24.f);
+  p = p * r + (1.f / 6.f);
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
 
 // A strided 4-D (B, T, Hx, D) view; `group` = H / Hx heads share one of its heads.
 struct View {
@@ -69,6 +95,23 @@ struct View {
   const float* at(int64_t b, int64_t t, int64_t h) const { return data + b * sb + t * st + (h / group) * sh; }
 };
 
+// Steps ahead to prefetch: a task reads one short row per input and step, strided by H rows in the
+// time-major inputs. Calls whose inputs are no longer cache resident ran 2-3x slower than back-to-back calls
+// (T=3136, H=4, K=V=32); the prefetch is meant to hide that latency (its gain could not be separated from
+// the noise of the shared machine: provisional).
+constexpr int64_t PREFETCH_STEPS = 12;
+
+// Prefetches the cache lines of `count` channels at p (channel stride `stride`, 0 for a broadcast value).
+inline void prefetch_row(const float* p, int64_t stride, int64_t count) {
+  if (stride == 0 || p == nullptr) {
+    if (p) __builtin_prefetch(p);
+    return;
+  }
+  const int64_t span = (count - 1) * stride + 1;
+  for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(p + i);
+  __builtin_prefetch(p + span - 1);
+}
+
 // Gathers `count` strided channels into a contiguous row (the step's per-key scalars).
 inline void gather(const float* p, int64_t stride, int64_t count, float* out) {
   if (stride == 1) {
@@ -84,13 +127,13 @@ inline void gather(const float* p, int64_t stride, int64_t count, float* out) {
 struct Step {
   const float *alpha, *k, *q, *a, *b;
   int64_t dk, vp;
-  float scale;
+  float scale, vscale;
 
   template <int NB, bool DELTA>
   void run(float* col, const float* v, float* o) const {
     vf vj[NB], u[NB], acc0[NB], acc1[NB];
     for (int n = 0; n < NB; ++n) {
-      vj[n] = loadv(v + n * W);
+      vj[n] = loadv(v + n * W) * vscale;
       u[n] = acc0[n] = acc1[n] = vf{};
     }
     if (DELTA) {  // u = a^T S_{t-1}, before the update overwrites S
@@ -128,16 +171,24 @@ struct Step {
 
 std::vector<torch::Tensor> recurrence_forward(
     const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& alpha,
-    const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& h0, int64_t heads, double scale) {
+    const torch::Tensor& v_scale, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& h0,
+    int64_t heads, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "the fused recurrence runs on CPU tensors only");
   TORCH_CHECK(v.dim() == 4 && k.dim() == 4 && q.dim() == 4, "q, k, v must be 4-D (B, T, H, D)");
   const int64_t batch = q.size(0), length = q.size(1), dk = q.size(3), dv = v.size(3);
   TORCH_CHECK(k.size(0) == batch && k.size(1) == length && k.size(3) == dk, "k must be (B, T, Hk, K) like q");
   TORCH_CHECK(v.size(0) == batch && v.size(1) == length, "v must be (B, T, Hv, V)");
   TORCH_CHECK(alpha.size(0) == batch && alpha.size(1) == length && (alpha.size(3) == dk || alpha.size(3) == 1),
-              "alpha must be (B, T, Ha, K or 1)");
+              "log_alpha must be (B, T, Ha, K or 1)");
+  const bool has_vscale = v_scale.numel() > 0;
+  View Cs;
+  if (has_vscale) {
+    TORCH_CHECK(v_scale.dim() == 4 && v_scale.size(0) == batch && v_scale.size(1) == length && v_scale.size(3) == 1,
+                "v_scale must be (B, T, Hc, 1)");
+    Cs = View(v_scale, heads, "v_scale");
+  }
   const bool delta = a.numel() > 0;
-  const View Q(q, heads, "q"), Kt(k, heads, "k"), Vt(v, heads, "v"), Al(alpha, heads, "alpha");
+  const View Q(q, heads, "q"), Kt(k, heads, "k"), Vt(v, heads, "v"), Al(alpha, heads, "log_alpha");
   View Av, Bv;
   if (delta) {
     TORCH_CHECK(a.sizes() == q.sizes() && b.sizes() == q.sizes(), "a and b must match q");
@@ -163,7 +214,8 @@ std::vector<torch::Tensor> recurrence_forward(
 
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     // S (K x vp), padded lanes stay zero since their v and h0 lanes are zero; per-step rows of scalars
-    std::vector<float> S(dk * vp), vrow(vp, 0.f), orow(vp), qrow(dk), krow(dk), arow(dk), alrow(dk), brow(dk);
+    std::vector<float> S(dk * vp), vrow(vp, 0.f), orow(vp), qrow(dk), krow(dk), arow(dk), alrow(dk), brow(dk),
+        logrow(dk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bi = task / heads, h = task % heads;
       std::fill(S.begin(), S.end(), 0.f);
@@ -174,12 +226,24 @@ std::vector<torch::Tensor> recurrence_forward(
       // channels are contiguous are read in place, strided ones are gathered
       const float *qp = Q.at(bi, 0, h), *kp = Kt.at(bi, 0, h), *vpt = Vt.at(bi, 0, h), *alp = Al.at(bi, 0, h);
       const float *ap = delta ? Av.at(bi, 0, h) : nullptr, *bp = delta ? Bv.at(bi, 0, h) : nullptr;
+      const float* cp = has_vscale ? Cs.at(bi, 0, h) : nullptr;
       auto row_of = [dk](const float* p, int64_t stride, std::vector<float>& buf) -> const float* {
         if (stride == 1) return p;
         gather(p, stride, dk, buf.data());
         return buf.data();
       };
       for (int64_t t = 0; t < length; ++t, qp += Q.st, kp += Kt.st, vpt += Vt.st, alp += Al.st) {
+        if (t + PREFETCH_STEPS < length) {
+          prefetch_row(qp + PREFETCH_STEPS * Q.st, Q.sc, dk);
+          prefetch_row(kp + PREFETCH_STEPS * Kt.st, Kt.sc, dk);
+          prefetch_row(vpt + PREFETCH_STEPS * Vt.st, Vt.sc, dv);
+          prefetch_row(alp + PREFETCH_STEPS * Al.st, Al.sc, Al.scalar_channel ? 1 : dk);
+          if (delta) {
+            prefetch_row(ap + PREFETCH_STEPS * Av.st, Av.sc, dk);
+            prefetch_row(bp + PREFETCH_STEPS * Bv.st, Bv.sc, dk);
+          }
+          if (has_vscale) __builtin_prefetch(cp + PREFETCH_STEPS * Cs.st);
+        }
         const float* qr = row_of(qp, Q.sc, qrow);
         const float* kr = row_of(kp, Kt.sc, krow);
         // whole vectors of v and o are used in place; a padded tail goes through the zero-padded rows
@@ -191,11 +255,19 @@ std::vector<torch::Tensor> recurrence_forward(
         }
         float* o_t = o_ptr + ((bi * length + t) * heads + h) * dv;
         float* orow_t = padded ? orow.data() : o_t;
-        const float* alr = alrow.data();
         if (Al.scalar_channel) {
-          std::fill(alrow.begin(), alrow.end(), *alp);
+          std::fill(alrow.begin(), alrow.end(), std::exp(*alp));
         } else {
-          alr = row_of(alp, Al.sc, alrow);
+          const float* lr = row_of(alp, Al.sc, logrow);
+          int64_t i = 0;
+          for (; i + W <= dk; i += W) storev(&alrow[i], vexp(loadv(lr + i)));
+          for (; i < dk; ++i) alrow[i] = std::exp(lr[i]);
+        }
+        const float* alr = alrow.data();
+        float vscale = 1.f;
+        if (has_vscale) {
+          vscale = *cp;
+          cp += Cs.st;
         }
         const float *ar = nullptr, *br = nullptr;
         if (delta) {
@@ -204,7 +276,7 @@ std::vector<torch::Tensor> recurrence_forward(
           ap += Av.st;
           bp += Bv.st;
         }
-        const Step step{alr, kr, qr, ar, br, dk, vp, fscale};
+        const Step step{alr, kr, qr, ar, br, dk, vp, fscale, vscale};
         int64_t j = 0;
         for (; j + 2 * W <= vp; j += 2 * W) delta ? step.run<2, true>(S.data() + j, vr + j, orow_t + j)
                                                   : step.run<2, false>(S.data() + j, vr + j, orow_t + j);

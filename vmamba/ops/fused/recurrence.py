@@ -4,13 +4,15 @@ RWKV-7, for inference: no autograd (training keeps each op's chunked PyTorch pat
 Per (batch, head) a ``K x V`` float32 state::
 
     u_t = a_t^T S_{t-1}                                    (RWKV-7's delta term, when a and b are given)
-    S_t = diag(alpha_t) S_{t-1} + b_t u_t^T + k_t v_t^T
+    S_t = diag(exp(log_alpha_t)) S_{t-1} + b_t u_t^T + k_t (c_t v_t)^T
     o_t = scale * q_t^T S_t
 
 Inputs are time-major ``(B, T, Hx, D)`` views read through their strides (no copies for transposes or
-expanded tensors). ``alpha`` is the decay factor (``exp`` of the log-decay) with channel size ``K`` (per key
-channel: GLA, RWKV-7) or ``1`` (one scalar per head: SSD, retention); a stride may be 0 (an expanded tensor);
-``Hx`` may be any divisor of ``H``, head ``h`` reading head ``h // (H // Hx)`` (SSD's grouped B and C).
+expanded tensors). ``log_alpha`` is the log-decay (the kernel takes its ``exp`` per step) with channel size
+``K`` (per key channel: GLA, RWKV-7) or ``1`` (one scalar per head: SSD, retention); ``c_t`` an optional scalar
+per token and head multiplying ``v_t`` (SSD's ``dt``, so ``x`` is passed as it is); a stride may be 0 (an
+expanded tensor); ``Hx`` may be any divisor of ``H``, head ``h`` reading head ``h // (H // Hx)`` (SSD's grouped
+B and C).
 
 :func:`fused_recurrence_applies` is the dispatch rule the ops share; :func:`fused_recurrence` runs the
 ``vmamba::linear_recurrence`` custom op (one opaque op with a FLOP formula for FlopCounterMode).
@@ -46,20 +48,20 @@ def fused_recurrence_applies(*tensors: Tensor | None) -> bool:
 
 @torch.library.custom_op("vmamba::linear_recurrence", mutates_args=())
 def _recurrence_op(
-    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, a: Tensor | None, b: Tensor | None, h0: Tensor | None,
-    heads: int, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, v_scale: Tensor | None, a: Tensor | None, b: Tensor | None,
+    h0: Tensor | None, heads: int, scale: float,
 ) -> tuple[Tensor, Tensor]:
     def f32(t: Tensor | None) -> Tensor:
         return _EMPTY if t is None else t.float()
 
     o, state = load(FusedKernel.RECURRENCE).forward(
-        f32(q), f32(k), f32(v), f32(alpha), f32(a), f32(b), f32(h0), heads, scale
+        f32(q), f32(k), f32(v), f32(log_alpha), f32(v_scale), f32(a), f32(b), f32(h0), heads, scale
     )
     return o, state
 
 
 @_recurrence_op.register_fake
-def _(q, k, v, alpha, a, b, h0, heads, scale):
+def _(q, k, v, log_alpha, v_scale, a, b, h0, heads, scale):
     batch, length, _, dk = q.shape
     dv = v.shape[3]
     return q.new_empty(batch, length, heads, dv, dtype=torch.float32), q.new_empty(
@@ -67,7 +69,7 @@ def _(q, k, v, alpha, a, b, h0, heads, scale):
     )
 
 
-def recurrence_macs(q, k, v, alpha, a, b, h0, heads, scale) -> int:
+def recurrence_macs(q, k, v, log_alpha, v_scale, a, b, h0, heads, scale) -> int:
     """Per token and head: the update (``K V`` for the decay, ``K V`` for ``k v^T``), the read ``K V``, and with
     the delta term ``a^T S`` plus ``b u^T`` (another ``2 K V``)."""
     batch, length, _, dk = q
@@ -83,23 +85,25 @@ def fused_recurrence(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    alpha: Tensor,
+    log_alpha: Tensor,
     heads: int,
     scale: float,
     initial_state: Tensor | None = None,
     a: Tensor | None = None,
     b: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the recurrence (forward only).
 
     Args:
         q, k: ``(B, T, Hq, K)`` / ``(B, T, Hk, K)``; ``Hq``, ``Hk`` divide ``heads``.
         v: ``(B, T, Hv, V)``.
-        alpha: ``(B, T, Ha, K)`` or ``(B, T, Ha, 1)`` decay factors in ``[0, 1]`` (strides may be 0).
+        log_alpha: ``(B, T, Ha, K)`` or ``(B, T, Ha, 1)`` log-decays ``<= 0`` (strides may be 0).
         heads: ``H``.
         scale: output scale.
         initial_state: ``(B, H, K, V)``; zeros when None.
         a, b: ``(B, T, H, K)`` RWKV-7's delta term, both or neither.
+        v_scale: ``(B, T, Hc, 1)`` a scalar per token and head multiplying ``v`` (SSD's ``dt``); none when None.
 
     Returns:
         ``(o (B, T, H, V) float32, final_state (B, H, K, V) float32)``.
@@ -109,4 +113,4 @@ def fused_recurrence(
     """
     if (a is None) != (b is None):
         raise ValueError("the delta term needs both a and b (or neither)")
-    return _recurrence_op(q, k, v, alpha, a, b, initial_state, int(heads), float(scale))
+    return _recurrence_op(q, k, v, log_alpha, v_scale, a, b, initial_state, int(heads), float(scale))
