@@ -180,3 +180,20 @@ def test_strong_decays() -> None:
     o_ref, state_ref = gla_ref(q, k, v, g, output_final_state=True)
     _close(o, o_ref)
     _close(state, state_ref)
+
+
+def test_threads_splitting_heads_of_a_batch_item() -> None:
+    """With 2 threads over B=3, H=2 a thread's range holds heads of two batch items (each runs its own group)."""
+    torch.manual_seed(6)
+    inputs = _rwkv7_inputs(3, 17, 2, 8, 8)
+    h0 = torch.randn(3, 2, 8, 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad(), forced_scan_backend("fused"):
+            o, state = rwkv7(*inputs, initial_state=h0, output_final_state=True)
+    finally:
+        torch.set_num_threads(threads)
+    o_ref, state_ref = rwkv7_ref(*inputs, initial_state=h0, output_final_state=True)
+    _close(o, o_ref)
+    _close(state, state_ref)

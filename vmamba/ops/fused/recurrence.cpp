@@ -19,13 +19,15 @@
 //     q, k, a, b (B, T, Hx, K)   log_alpha (B, T, Hx, K or 1)   v (B, T, Hx, V)   v_scale (B, T, Hx, 1) or empty
 //     h0 (B, H, K, V) or empty   ->   o (B, T, H, V), state (B, H, K, V)
 //
-// Work is split over (batch, head): each task owns its state for the whole sequence. The state lives in a
-// task-local buffer with rows padded to whole SIMD vectors; every V column block is independent (u_t, the
+// Work is split over (batch, head): each task owns its state for the whole sequence; a thread's heads of one
+// batch item step through time together (contiguous reads of the time-major inputs). States live in
+// thread-local buffers with rows padded to whole SIMD vectors; every V column block is independent (u_t, the
 // update and the read of a column block only touch that block), so a step runs column block by column block
 // with the output accumulators in registers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -111,6 +113,11 @@ inline void prefetch_row(const float* p, int64_t stride, int64_t count) {
   for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(p + i);
   __builtin_prefetch(p + span - 1);
 }
+
+// One head's read positions in the inputs at the current step.
+struct Cursor {
+  const float *q, *k, *v, *al, *a, *b, *c;
+};
 
 // Gathers `count` strided channels into a contiguous row (the step's per-key scalars).
 inline void gather(const float* p, int64_t stride, int64_t count, float* out) {
@@ -213,78 +220,96 @@ std::vector<torch::Tensor> recurrence_forward(
   const bool padded = vp != dv;
 
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    // S (K x vp), padded lanes stay zero since their v and h0 lanes are zero; per-step rows of scalars
-    std::vector<float> S(dk * vp), vrow(vp, 0.f), orow(vp), qrow(dk), krow(dk), arow(dk), alrow(dk), brow(dk),
+    // states (K x vp each): padded lanes stay zero since their v and h0 lanes are zero; per-step rows of scalars
+    std::vector<float> vrow(vp, 0.f), orow(vp), qrow(dk), krow(dk), arow(dk), alrow(dk), brow(dk),
         logrow(dk);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bi = task / heads, h = task % heads;
-      std::fill(S.begin(), S.end(), 0.f);
-      if (h0_ptr) {
-        for (int64_t i = 0; i < dk; ++i) std::memcpy(&S[i * vp], h0_ptr + (task * dk + i) * dv, dv * sizeof(float));
+    auto row_of = [dk](const float* p, int64_t stride, std::vector<float>& buf) -> const float* {
+      if (stride == 1) return p;
+      gather(p, stride, dk, buf.data());
+      return buf.data();
+    };
+    // A thread's heads of one batch item advance through time together, so each step reads one contiguous
+    // span of the time-major inputs (heads h_first..h_last) instead of one short strided row per head.
+    std::vector<float> states;
+    std::vector<Cursor> cursors;
+    for (int64_t task = begin; task < end;) {
+      const int64_t bi = task / heads, h_first = task % heads;
+      const int64_t count = std::min(heads - h_first, end - task);
+      states.assign(count * dk * vp, 0.f);
+      cursors.clear();
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t h = h_first + c;
+        if (h0_ptr) {
+          for (int64_t i = 0; i < dk; ++i)
+            std::memcpy(&states[(c * dk + i) * vp], h0_ptr + ((task + c) * dk + i) * dv, dv * sizeof(float));
+        }
+        // base pointers, advanced by the time strides (no index arithmetic per step)
+        cursors.push_back({Q.at(bi, 0, h), Kt.at(bi, 0, h), Vt.at(bi, 0, h), Al.at(bi, 0, h),
+                           delta ? Av.at(bi, 0, h) : nullptr, delta ? Bv.at(bi, 0, h) : nullptr,
+                           has_vscale ? Cs.at(bi, 0, h) : nullptr});
       }
-      // per-task base pointers, advanced by the time strides (no index arithmetic per step); rows whose
-      // channels are contiguous are read in place, strided ones are gathered
-      const float *qp = Q.at(bi, 0, h), *kp = Kt.at(bi, 0, h), *vpt = Vt.at(bi, 0, h), *alp = Al.at(bi, 0, h);
-      const float *ap = delta ? Av.at(bi, 0, h) : nullptr, *bp = delta ? Bv.at(bi, 0, h) : nullptr;
-      const float* cp = has_vscale ? Cs.at(bi, 0, h) : nullptr;
-      auto row_of = [dk](const float* p, int64_t stride, std::vector<float>& buf) -> const float* {
-        if (stride == 1) return p;
-        gather(p, stride, dk, buf.data());
-        return buf.data();
-      };
-      for (int64_t t = 0; t < length; ++t, qp += Q.st, kp += Kt.st, vpt += Vt.st, alp += Al.st) {
-        if (t + PREFETCH_STEPS < length) {
-          prefetch_row(qp + PREFETCH_STEPS * Q.st, Q.sc, dk);
-          prefetch_row(kp + PREFETCH_STEPS * Kt.st, Kt.sc, dk);
-          prefetch_row(vpt + PREFETCH_STEPS * Vt.st, Vt.sc, dv);
-          prefetch_row(alp + PREFETCH_STEPS * Al.st, Al.sc, Al.scalar_channel ? 1 : dk);
-          if (delta) {
-            prefetch_row(ap + PREFETCH_STEPS * Av.st, Av.sc, dk);
-            prefetch_row(bp + PREFETCH_STEPS * Bv.st, Bv.sc, dk);
+      for (int64_t t = 0; t < length; ++t) {
+        for (int64_t c = 0; c < count; ++c) {
+          Cursor& cur = cursors[c];
+          const int64_t h = h_first + c;
+          float* S = states.data() + c * dk * vp;
+          if (t + PREFETCH_STEPS < length) {
+            prefetch_row(cur.q + PREFETCH_STEPS * Q.st, Q.sc, dk);
+            prefetch_row(cur.k + PREFETCH_STEPS * Kt.st, Kt.sc, dk);
+            prefetch_row(cur.v + PREFETCH_STEPS * Vt.st, Vt.sc, dv);
+            prefetch_row(cur.al + PREFETCH_STEPS * Al.st, Al.sc, Al.scalar_channel ? 1 : dk);
+            if (delta) {
+              prefetch_row(cur.a + PREFETCH_STEPS * Av.st, Av.sc, dk);
+              prefetch_row(cur.b + PREFETCH_STEPS * Bv.st, Bv.sc, dk);
+            }
+            if (has_vscale) __builtin_prefetch(cur.c + PREFETCH_STEPS * Cs.st);
           }
-          if (has_vscale) __builtin_prefetch(cp + PREFETCH_STEPS * Cs.st);
+          // rows whose channels are contiguous are read in place, strided ones are gathered
+          const float* qr = row_of(cur.q, Q.sc, qrow);
+          const float* kr = row_of(cur.k, Kt.sc, krow);
+          // whole vectors of v and o are used in place; a padded tail goes through the zero-padded rows
+          const float* vr = vrow.data();
+          if (padded || Vt.sc != 1) {
+            gather(cur.v, Vt.sc, dv, vrow.data());
+          } else {
+            vr = cur.v;
+          }
+          float* o_t = o_ptr + ((bi * length + t) * heads + h) * dv;
+          float* orow_t = padded ? orow.data() : o_t;
+          if (Al.scalar_channel) {
+            std::fill(alrow.begin(), alrow.end(), std::exp(*cur.al));
+          } else {
+            const float* lr = row_of(cur.al, Al.sc, logrow);
+            int64_t i = 0;
+            for (; i + W <= dk; i += W) storev(&alrow[i], vexp(loadv(lr + i)));
+            for (; i < dk; ++i) alrow[i] = std::exp(lr[i]);
+          }
+          const float vscale = has_vscale ? *cur.c : 1.f;
+          const float* ar = delta ? row_of(cur.a, Av.sc, arow) : nullptr;
+          const float* br = delta ? row_of(cur.b, Bv.sc, brow) : nullptr;
+          const Step step{alrow.data(), kr, qr, ar, br, dk, vp, fscale, vscale};
+          int64_t j = 0;
+          for (; j + 2 * W <= vp; j += 2 * W) delta ? step.run<2, true>(S + j, vr + j, orow_t + j)
+                                                    : step.run<2, false>(S + j, vr + j, orow_t + j);
+          if (j < vp) delta ? step.run<1, true>(S + j, vr + j, orow_t + j)
+                            : step.run<1, false>(S + j, vr + j, orow_t + j);
+          if (padded) std::memcpy(o_t, orow.data(), dv * sizeof(float));
+          cur.q += Q.st;
+          cur.k += Kt.st;
+          cur.v += Vt.st;
+          cur.al += Al.st;
+          if (delta) {
+            cur.a += Av.st;
+            cur.b += Bv.st;
+          }
+          if (has_vscale) cur.c += Cs.st;
         }
-        const float* qr = row_of(qp, Q.sc, qrow);
-        const float* kr = row_of(kp, Kt.sc, krow);
-        // whole vectors of v and o are used in place; a padded tail goes through the zero-padded rows
-        const float* vr = vrow.data();
-        if (padded || Vt.sc != 1) {
-          gather(vpt, Vt.sc, dv, vrow.data());
-        } else {
-          vr = vpt;
-        }
-        float* o_t = o_ptr + ((bi * length + t) * heads + h) * dv;
-        float* orow_t = padded ? orow.data() : o_t;
-        if (Al.scalar_channel) {
-          std::fill(alrow.begin(), alrow.end(), std::exp(*alp));
-        } else {
-          const float* lr = row_of(alp, Al.sc, logrow);
-          int64_t i = 0;
-          for (; i + W <= dk; i += W) storev(&alrow[i], vexp(loadv(lr + i)));
-          for (; i < dk; ++i) alrow[i] = std::exp(lr[i]);
-        }
-        const float* alr = alrow.data();
-        float vscale = 1.f;
-        if (has_vscale) {
-          vscale = *cp;
-          cp += Cs.st;
-        }
-        const float *ar = nullptr, *br = nullptr;
-        if (delta) {
-          ar = row_of(ap, Av.sc, arow);
-          br = row_of(bp, Bv.sc, brow);
-          ap += Av.st;
-          bp += Bv.st;
-        }
-        const Step step{alr, kr, qr, ar, br, dk, vp, fscale, vscale};
-        int64_t j = 0;
-        for (; j + 2 * W <= vp; j += 2 * W) delta ? step.run<2, true>(S.data() + j, vr + j, orow_t + j)
-                                                  : step.run<2, false>(S.data() + j, vr + j, orow_t + j);
-        if (j < vp) delta ? step.run<1, true>(S.data() + j, vr + j, orow_t + j)
-                          : step.run<1, false>(S.data() + j, vr + j, orow_t + j);
-        if (padded) std::memcpy(o_t, orow.data(), dv * sizeof(float));
       }
-      for (int64_t i = 0; i < dk; ++i) std::memcpy(s_ptr + (task * dk + i) * dv, &S[i * vp], dv * sizeof(float));
+      for (int64_t c = 0; c < count; ++c) {
+        for (int64_t i = 0; i < dk; ++i)
+          std::memcpy(s_ptr + ((task + c) * dk + i) * dv, &states[(c * dk + i) * vp], dv * sizeof(float));
+      }
+      task += count;
     }
   });
   return {out, state};
