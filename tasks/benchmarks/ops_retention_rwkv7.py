@@ -9,8 +9,10 @@ Forward+backward (training) always runs the chunked path. Target (issue 4): each
 than its loop reference, forward; the verdict is on the default op.
 
 The fused recurrence spends ``3 K V`` (RWKV-7: ``5 K V``) multiply-adds per token and head in SIMD registers
-with no call overheads: about 1-2 ms here against a ~130-200 ms loop (provisional, measured on a loaded
-2-core machine). What follows explains why the chunked PyTorch path alone stays below the target.
+with no call overheads. Measured (provisional, a shared 2-core machine, medians of one interleaved run,
+T=3136): one thread retention 1.8 ms against a 92 ms loop (50x; chunked 15x), RWKV-7 5.4 ms against 164 ms
+(30x; chunked 4-13x); the benchmark's two threads retention 57x, RWKV-7 66x (chunked 22x / 15x). What
+follows explains why the chunked PyTorch path alone stays below the target.
 
 Where the floor is (one thread, CPU time, medians; provisional, measured on a shared machine):
 

@@ -9,8 +9,10 @@ path. Target (issue 4): every op at least 20x faster than its loop reference, fo
 default op.
 
 The fused recurrence spends ``3 K V`` multiply-adds per token and head in SIMD registers with no call
-overheads: about 1-2 ms here against a ~70-130 ms loop (provisional, measured on a loaded 2-core machine:
-roughly 50-100x). What follows explains why the chunked PyTorch path alone stays below the target.
+overheads. Measured (provisional, a shared 2-core machine, medians of one interleaved run, T=3136):
+one thread GLA 1.9 ms against a 67 ms loop (35x; chunked 10x), SSD 3.3 ms against 95 ms (29x; chunked 8-12x);
+the benchmark's two threads GLA 33x, SSD 25x (chunked 14x / 16x). What follows explains why the chunked
+PyTorch path alone stays below the target.
 
 Where the floor is (measured on this machine kind, one thread, CPU time, medians; provisional, the machine
 was shared while measuring):

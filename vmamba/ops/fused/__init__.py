@@ -1,4 +1,6 @@
-"""Optional fused CPU kernels, compiled just in time from C++ (``torch.utils.cpp_extension``).
+"""Optional fused CPU kernels, compiled just in time from C++ (``torch.utils.cpp_extension``): the selective
+scans (``multi_scan.cpp``) and the forward recurrence of GLA / retention / SSD / RWKV-7 for inference
+(``recurrence.cpp``), two extensions built and cached separately (:class:`FusedKernel`).
 
 The pure-PyTorch ops stay the reference and the fallback. Which path runs is chosen by
 :func:`vmamba.ops.fused.scan_backend` from the ``VMAMBA_SCAN_BACKEND`` environment variable
