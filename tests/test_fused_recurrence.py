@@ -197,3 +197,20 @@ def test_threads_splitting_heads_of_a_batch_item() -> None:
     o_ref, state_ref = rwkv7_ref(*inputs, initial_state=h0, output_final_state=True)
     _close(o, o_ref)
     _close(state, state_ref)
+
+
+def test_falls_back_when_the_kernel_cannot_be_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` runs the chunked path when the build failed; ``fused`` raises with the reason."""
+    from vmamba.ops.fused import loader
+
+    monkeypatch.delitem(loader._modules, FusedKernel.RECURRENCE)
+    monkeypatch.setitem(loader._errors, FusedKernel.RECURRENCE, "RuntimeError: no C++ compiler")
+    spy = _Spy(monkeypatch, "vmamba.ops.gla")
+    inputs = _gla_inputs(1, 9, 2, 8, 4)
+    with torch.no_grad():
+        with forced_scan_backend("auto"):
+            o, _ = gla(*inputs)
+        assert spy.calls == 0
+        _close(o, gla_ref(*inputs)[0])
+        with forced_scan_backend("fused"), pytest.raises(FusedUnavailable, match="no C\\+\\+ compiler"):
+            gla(*inputs)
