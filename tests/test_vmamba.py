@@ -588,6 +588,20 @@ def test_dt_projection_equals_einsum(rank):
     assert torch.autograd.gradcheck(_dt_projection, (dts_leaf, weight_leaf))
 
 
+def test_dt_projection_without_grad_under_bfloat16_autocast():
+    """Autocast hands a bfloat16 slice with float32 weights (e.g. checkpointed recomputation): the no-grad
+    path must follow autocast instead of a mixed-dtype ``mm(out=)``."""
+    from vmamba.mixers.mamba import _dt_projection
+
+    g = torch.Generator().manual_seed(0)
+    dts, weight = torch.randn(2, 5, 4, 3, generator=g).bfloat16(), torch.randn(4, 7, 3, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _dt_projection(dts, weight)
+    expected = torch.einsum("blkr,kcr->blkc", dts.float(), weight.bfloat16().float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channel_mlp_row_blocks_equal_whole_map(monkeypatch, channels_last):
     """Inference on a large map runs the MLP in blocks of rows (no fresh mmap for the hidden activation):

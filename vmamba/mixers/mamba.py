@@ -57,7 +57,9 @@ def _dt_projection(dts: Tensor, weight: Tensor) -> Tensor:
     GEMM output with leading dimension ``K*C``): the same products, ~6% of vmamba_t's inference time saved.
     (With autograd a block-diagonal GEMM measured no faster over a training step, so the einsum stays.)
     """
-    if torch.is_grad_enabled() and (dts.requires_grad or weight.requires_grad):
+    needs_graph = torch.is_grad_enabled() and (dts.requires_grad or weight.requires_grad)
+    # ``torch.mm(out=)`` neither autocasts nor mixes dtypes: autocast regions and mixed inputs take the einsum
+    if needs_graph or dts.dtype != weight.dtype or torch.is_autocast_enabled(dts.device.type):
         return torch.einsum("blkr,kcr->blkc", dts, weight)
     batch, length, k, rank = dts.shape
     out = dts.new_empty(batch, length, k, weight.shape[1])
