@@ -256,9 +256,18 @@ def environment_record(result: CompareResult) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("torch", "torchvision", "timm", "monai", "numpy", "vmamba-toolkit")},
         "git_commit": _git_commit(),
+        "scan_kernels": _scan_kernels(),
         "total_seconds": round(result.seconds, 1),
         "settings": config_to_dict(cfg),
     }
+
+
+def _scan_kernels() -> dict[str, str]:
+    """Which path each of our compiled kernels takes here (compiled, or pure PyTorch and why): the numbers of
+    our models depend on it, down to rounding."""
+    from vmamba.ops.fused import FusedKernel, fused_status
+
+    return {kernel.value: fused_status(kernel) for kernel in FusedKernel}
 
 
 def _plot_lines(result: CompareResult, value, ylabel: str, title: str, path: Path) -> None:
