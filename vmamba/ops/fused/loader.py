@@ -40,6 +40,10 @@ class FusedKernel(str, Enum):
         return Path(__file__).with_name(f"{self.value}.cpp")
 
 
+# Included by every kernel source: a change to it must rebuild them all.
+_SHARED_HEADER = Path(__file__).with_name("simd.h")
+
+
 class FusedUnavailable(RuntimeError):
     """The fused kernels were required but cannot be built or loaded here."""
 
@@ -60,7 +64,8 @@ def _cache_dir(kernel: FusedKernel) -> Path:
             cpu += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha1((kernel.source.read_text() + cpu + torch.__version__).encode()).hexdigest()[:16]
+    sources = kernel.source.read_text() + _SHARED_HEADER.read_text()
+    key = hashlib.sha1((sources + cpu + torch.__version__).encode()).hexdigest()[:16]
     path = root / f"{kernel.value}_{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path

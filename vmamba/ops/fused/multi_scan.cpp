@@ -41,34 +41,16 @@
 #include <immintrin.h>
 #endif
 
+#include "simd.h"
+
 namespace {
 
-// Float lanes via GCC/Clang vector extensions: portable C++, compiled to AVX-512 / AVX / NEON as available.
-#ifndef VMAMBA_LANES
-#if defined(__AVX512F__)
-// One zmm register per block: the Vim-T scan (N=16) runs 1.5x faster than with 8 lanes (measured on AVX-512).
-#define VMAMBA_LANES 16
-#else
-#define VMAMBA_LANES 8
-#endif
-#endif
-constexpr int W = VMAMBA_LANES;
+using namespace vmamba_simd;
+
 constexpr int MAX_N = 64;
 // Steps per tile: the backward keeps a tile's states ((TILE + 1) * N vectors) in L2 instead of the whole
 // sequence's, and the staged inputs of a tile stay in L1.
 constexpr int TILE = 64;
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-
-inline vf splat(float x) { return vf{} + x; }
-inline vf loadv(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 #if defined(__AVX512F__) && VMAMBA_LANES == 16
 #define VMAMBA_AVX512 1
@@ -139,23 +121,6 @@ inline void transpose_block(const float* in, int64_t is, float* out, int64_t os)
   for (int i = 0; i < W; ++i)
     for (int j = 0; j < W; ++j) out[j * os + i] = in[i * is + j];
 #endif
-}
-
-// exp(x): Cephes-style range reduction and polynomial (about 1 ulp), branch-free.
-inline vf vexp(vf x) {
-  x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
-  const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  vf r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  return p * reinterpret_cast<const vf&>(bits);
 }
 
 // 2^y: round to the nearest integer k, a degree-6 fit of 2^f on [-1/2, 1/2] (relative error <= 1.1e-7 in

@@ -33,46 +33,11 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-#ifndef VMAMBA_LANES
-#if defined(__AVX512F__)
-#define VMAMBA_LANES 16
-#else
-#define VMAMBA_LANES 8
-#endif
-#endif
-constexpr int W = VMAMBA_LANES;
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-
-inline vf loadv(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-
-// exp for x <= 0 (log-decays), branch-free so it vectorises: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2]
-// and p the degree-6 Taylor polynomial (relative error ~2e-7). Inputs below -87 (e^-87 ~ 1.6e-38, a decay
-// that leaves nothing of the state) are clamped so 2^n stays a normal float.
-inline vf vexp(vf x) {
-  x = x < -87.f ? vf{} - 87.f : x;
-  const vf magic = vf{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (x * 1.44269504f + magic) - magic;
-  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln2 split in two for an exact product
-  vf p = vf{} + (1.f / 720.f);
-  p = p * r + (1.f / 120.f);
-  p = p * r + (1.f / 24.f);
-  p = p * r + (1.f / 6.f);
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using namespace vmamba_simd;
 
 // A strided 4-D (B, T, Hx, D) view; `group` = H / Hx heads share one of its heads.
 struct View {
