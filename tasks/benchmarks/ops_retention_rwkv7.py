@@ -31,16 +31,11 @@ full-size gradient per step (the loop's forward+backward took over a minute at t
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from tasks.benchmarks.common import format_ratio, print_table, time_interleaved
+from tasks.benchmarks.common import OpCase, run_op_cases
 from vmamba.ops import retention, retention_ref, rwkv7, rwkv7_ref
-from vmamba.ops.fused import FusedKernel, ScanBackend, forced_scan_backend, fused_status
-
-TARGET_FORWARD_RATIO = 20.0
 BATCH, HEADS, DK, DV = 1, 4, 32, 32
 
 
@@ -61,62 +56,9 @@ def _rwkv7_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return tuple(t.requires_grad_(requires_grad) for t in (r, w, k, v, -kk, kk * iclr))
 
 
-def _forward_backward(fn: Callable[..., tuple[torch.Tensor, object]], inputs: tuple[torch.Tensor, ...]):
-    def go() -> None:
-        for t in inputs:
-            t.grad = None
-        out, _ = fn(*inputs)
-        out.sum().backward()
-
-    return go
-
-
-def _on_backend(backend: ScanBackend, fn: Callable[..., object], inputs: tuple[torch.Tensor, ...]):
-    def go() -> None:
-        with forced_scan_backend(backend):
-            fn(*inputs)
-
-    return go
-
-
 def run(quick: bool) -> None:
     length = 512 if quick else 3136
-    repeats = 2 if quick else 5
-    cases = {
-        "retention": (retention_ref, retention, _retention_inputs),
-        "rwkv7": (rwkv7_ref, rwkv7, _rwkv7_inputs),
-    }
-    rows = []
-    for name, (ref, op, make) in cases.items():
-        inputs = make(length, requires_grad=False)
-        with torch.no_grad():
-            fwd = time_interleaved(
-                {
-                    "loop": lambda: ref(*inputs),
-                    "chunked": _on_backend(ScanBackend.TORCH, op, inputs),
-                    "default": lambda: op(*inputs),
-                },
-                repeats=repeats,
-            )
-        inputs_g = make(length, requires_grad=True)
-        both = time_interleaved(
-            {"loop": _forward_backward(ref, inputs_g), "chunked": _forward_backward(op, inputs_g)},
-            repeats=max(1, repeats // 2),
-        )
-        loop_s, chunk_s, default_s = (fwd[key].median for key in ("loop", "chunked", "default"))
-        verdict = " (met)" if loop_s / default_s >= TARGET_FORWARD_RATIO else " (missed)"
-        rows.append([
-            name, "forward", f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", f"{default_s * 1e3:.2f}",
-            format_ratio(loop_s, chunk_s), format_ratio(loop_s, default_s) + verdict, f">= {TARGET_FORWARD_RATIO:.0f}x",
-        ])
-        loop_s, chunk_s = both["loop"].median, both["chunked"].median
-        rows.append([
-            name, "forward+backward", f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", "-",
-            format_ratio(loop_s, chunk_s), "-", "-",
-        ])
-    print_table(
-        f"Retention / RWKV-7 vs loop reference (B={BATCH}, H={HEADS}, T={length}, K=V={DK})",
-        ["op", "pass", "loop ms", "chunked ms", "default ms", "chunked speed-up", "default speed-up", "target"],
-        rows,
-    )
-    print(f"\ndefault path (inference): {fused_status(FusedKernel.RECURRENCE)}; threads: {torch.get_num_threads()}")
+    cases = [OpCase("retention", retention_ref, retention, _retention_inputs),
+             OpCase("rwkv7", rwkv7_ref, rwkv7, _rwkv7_inputs)]
+    run_op_cases(f"Retention / RWKV-7 vs loop reference (B={BATCH}, H={HEADS}, T={length}, K=V={DK})", cases, length,
+                 repeats=2 if quick else 5)

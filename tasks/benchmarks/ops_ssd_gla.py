@@ -32,16 +32,11 @@ out higher than these one-thread ones.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from tasks.benchmarks.common import format_ratio, print_table, time_interleaved
+from tasks.benchmarks.common import OpCase, run_op_cases
 from vmamba.ops import gla, gla_ref, ssd, ssd_ref
-from vmamba.ops.fused import FusedKernel, ScanBackend, forced_scan_backend, fused_status
-
-TARGET_FORWARD_RATIO = 20.0
 
 
 def _gla_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
@@ -63,62 +58,8 @@ def _ssd_inputs(length: int, requires_grad: bool) -> tuple[torch.Tensor, ...]:
     return tuple(t.requires_grad_(requires_grad) for t in (x, dt, A, B, C))
 
 
-def _on_backend(backend: ScanBackend, fn: Callable[..., object], inputs: tuple[torch.Tensor, ...], kw: dict):
-    def go() -> None:
-        with forced_scan_backend(backend):
-            fn(*inputs, **kw)
-
-    return go
-
-
-def _forward_backward(fn: Callable[..., tuple[torch.Tensor, object]], inputs: tuple[torch.Tensor, ...], **kw):
-    def run() -> None:
-        for t in inputs:
-            t.grad = None
-        out, _ = fn(*inputs, **kw)
-        out.sum().backward()
-
-    return run
-
-
 def run(quick: bool) -> None:
     length = 512 if quick else 3136
-    repeats = 2 if quick else 5
-    cases = {
-        "gla": (gla_ref, gla, _gla_inputs, {}),
-        "ssd": (ssd_ref, ssd, _ssd_inputs, {"dt_softplus": True}),
-    }
-    rows = []
-    for name, (ref, op, make, kw) in cases.items():
-        inputs = make(length, requires_grad=False)
-        with torch.no_grad():
-            fwd = time_interleaved(
-                {
-                    "loop": lambda: ref(*inputs, **kw),
-                    "chunked": _on_backend(ScanBackend.TORCH, op, inputs, kw),
-                    "default": lambda: op(*inputs, **kw),
-                },
-                repeats=repeats,
-            )
-        inputs_g = make(length, requires_grad=True)
-        bwd = time_interleaved(
-            {"loop": _forward_backward(ref, inputs_g, **kw), "chunked": _forward_backward(op, inputs_g, **kw)},
-            repeats=max(1, repeats // 2),
-        )
-        loop_s, chunk_s, default_s = (fwd[key].median for key in ("loop", "chunked", "default"))
-        verdict = " (met)" if loop_s / default_s >= TARGET_FORWARD_RATIO else " (missed)"
-        rows.append([
-            name, "forward", f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", f"{default_s * 1e3:.2f}",
-            format_ratio(loop_s, chunk_s), format_ratio(loop_s, default_s) + verdict, f">= {TARGET_FORWARD_RATIO:.0f}x",
-        ])
-        loop_s, chunk_s = bwd["loop"].median, bwd["chunked"].median
-        rows.append([
-            name, "forward+backward", f"{loop_s * 1e3:.1f}", f"{chunk_s * 1e3:.2f}", "-",
-            format_ratio(loop_s, chunk_s), "-", "-",
-        ])
-    print_table(
-        f"SSD / GLA vs loop reference (T={length}; GLA H=4 K=V=32; SSD H=6 P=32 N=64)",
-        ["op", "pass", "loop ms", "chunked ms", "default ms", "chunked speed-up", "default speed-up", "target"],
-        rows,
-    )
-    print(f"\ndefault path (inference): {fused_status(FusedKernel.RECURRENCE)}; threads: {torch.get_num_threads()}")
+    cases = [OpCase("gla", gla_ref, gla, _gla_inputs), OpCase("ssd", ssd_ref, ssd, _ssd_inputs, {"dt_softplus": True})]
+    run_op_cases(f"SSD / GLA vs loop reference (T={length}; GLA H=4 K=V=32; SSD H=6 P=32 N=64)", cases, length,
+                 repeats=2 if quick else 5)

@@ -47,7 +47,8 @@ def _measure(size: int, mode: PassMode, repeats: int, trials: int) -> dict[str, 
         for spec in MODELS:
             result = run_cell(CellJob(spec=spec, task=Task.SEGMENTATION, resolution=size, speed=speed, trial=trial))
             if result.ok:  # progress: the full run takes minutes (SwinUNETR's fwd+bwd alone ~20-30 s a step)
-                memory = "" if result.peak_memory_bytes is None else f", peak {result.peak_memory_bytes / 2**20:.0f} MiB"
+                peak = result.peak_memory_bytes
+                memory = "" if peak is None else f", peak {peak / 2**20:.0f} MiB"
                 print(f"  {spec.display} {mode.value} trial {trial}: median {result.median_step_seconds:.2f} s"
                       f"{memory} ({result.wall_seconds or 0:.0f} s in its process)", flush=True)
             else:
