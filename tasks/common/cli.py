@@ -12,12 +12,10 @@ from collections.abc import Callable, Mapping
 __all__ = ["add_config_arguments", "add_run_arguments", "flag_overrides", "run_command"]
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, default: str | None, recipe_dir: str,
-                         set_example: str) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, *, default: str, recipe_dir: str, set_example: str) -> None:
     """``--config`` (a file, or a recipe name in ``recipe_dir``) and the repeatable ``--set KEY=VALUE``."""
-    default_text = f"default: {default}" if default else "default: the checkpoint's own config"
     parser.add_argument("--config", default=default,
-                        help=f"config file, or recipe name in {recipe_dir} ({default_text})")
+                        help=f"config file, or recipe name in {recipe_dir} (default: {default})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config key, e.g. --set {set_example} (repeatable)")
 
