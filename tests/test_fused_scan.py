@@ -225,3 +225,23 @@ def test_fused_op_registration():
     args = [inputs[k].clone().requires_grad_() for k in names]
     for keep in (True, False):
         torch.library.opcheck(torch.ops.vmamba.fused_selective_scan.default, args + [True, keep])
+
+
+@pytest.mark.parametrize("kernel", list(fused.loader.FusedKernel))
+def test_kernels_share_pytorchs_thread_pool(kernel):
+    """at::parallel_for in the kernels runs on torch.get_num_threads() threads (it silently runs on one
+    when the extension is built without OpenMP), and never on more."""
+    try:
+        module = fused.loader.load(kernel)
+    except fused.FusedUnavailable as err:  # pragma: no cover - depends on the machine
+        pytest.skip(f"{kernel.value} cannot be built here: {err}")
+    if kernel in fused.loader._single_threaded:  # pragma: no cover - a compiler without OpenMP
+        pytest.skip(f"{kernel.value} was built without OpenMP")
+    threads = torch.get_num_threads()
+    try:
+        for n in sorted({1, min(2, threads), threads}):
+            torch.set_num_threads(n)
+            assert module.parallel_workers(64) == n
+            assert module.parallel_workers(1) == 1
+    finally:
+        torch.set_num_threads(threads)

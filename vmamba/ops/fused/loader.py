@@ -40,8 +40,8 @@ class FusedKernel(str, Enum):
         return Path(__file__).with_name(f"{self.value}.cpp")
 
 
-# Included by every kernel source: a change to it must rebuild them all.
-_SHARED_HEADER = Path(__file__).with_name("simd.h")
+# Included by the kernel sources: a change to any of them must rebuild them all.
+_SHARED_HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 
 
 class FusedUnavailable(RuntimeError):
@@ -53,9 +53,17 @@ _modules: dict[FusedKernel, ModuleType] = {}
 _errors: dict[FusedKernel, str] = {}
 _override: ScanBackend | None = None
 _announced: set[FusedKernel] = set()
+_single_threaded: set[FusedKernel] = set()  # built without OpenMP
 
 
-def _cache_dir(kernel: FusedKernel) -> Path:
+def _compiler_flags(parallel: bool) -> list[str]:
+    """``-march=native`` code for this CPU on x86; ``-fopenmp`` so ``at::parallel_for`` in the kernels uses
+    PyTorch's thread pool (without it the loop silently runs on one thread)."""
+    flags = ["-O3", "-march=native", "-fno-math-errno"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
+    return flags + ["-fopenmp"] if parallel else flags
+
+
+def _cache_dir(kernel: FusedKernel, flags: list[str]) -> Path:
     # Keyed by CPU and compiler flags as well as the source, since -march=native code is machine specific.
     root = Path(os.environ.get("VMAMBA_CACHE", Path.home() / ".cache" / "vmamba"))
     cpu = platform.processor() or platform.machine()
@@ -64,11 +72,27 @@ def _cache_dir(kernel: FusedKernel) -> Path:
             cpu += next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    sources = kernel.source.read_text() + _SHARED_HEADER.read_text()
-    key = hashlib.sha1((sources + cpu + torch.__version__).encode()).hexdigest()[:16]
+    sources = kernel.source.read_text() + "".join(h.read_text() for h in _SHARED_HEADERS)
+    key = hashlib.sha1((sources + cpu + torch.__version__ + " ".join(flags)).encode()).hexdigest()[:16]
     path = root / f"{kernel.value}_{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _build(kernel: FusedKernel, parallel: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    flags = _compiler_flags(parallel)
+    return cpp_extension.load(
+        name=f"vmamba_{kernel.value}",
+        sources=[str(kernel.source)],
+        extra_cflags=flags,
+        # libgomp's soname matches the copy PyTorch already loaded, so the kernels share its thread pool
+        # and follow torch.set_num_threads.
+        extra_ldflags=["-fopenmp"] if parallel else [],
+        build_directory=str(_cache_dir(kernel, flags)),
+        verbose=False,
+    )
 
 
 def load(kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> ModuleType:
@@ -80,16 +104,12 @@ def load(kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> ModuleType:
         if kernel in _errors:
             raise FusedUnavailable(_errors[kernel])
         try:
-            from torch.utils import cpp_extension
-
-            flags = ["-O3", "-march=native", "-fno-math-errno"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
-            _modules[kernel] = cpp_extension.load(
-                name=f"vmamba_{kernel.value}",
-                sources=[str(kernel.source)],
-                extra_cflags=flags,
-                build_directory=str(_cache_dir(kernel)),
-                verbose=False,
-            )
+            try:
+                _modules[kernel] = _build(kernel, parallel=True)
+            except Exception as err:  # noqa: BLE001 - a compiler without OpenMP: build single-threaded kernels
+                _LOG.warning("vmamba %s: OpenMP build failed (%s); building single-threaded kernels", kernel.value, err)
+                _modules[kernel] = _build(kernel, parallel=False)
+                _single_threaded.add(kernel)
         except Exception as err:  # noqa: BLE001 - any build failure means "fall back"
             text = str(err).strip()
             _errors[kernel] = f"{type(err).__name__}: {text.splitlines()[-1] if text else err}"
@@ -155,6 +175,6 @@ def fused_status(kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> str:
         return f"pure PyTorch ({_ENV}=torch)"
     try:
         load(kernel)
-        return "fused C++ kernels"
+        return "fused C++ kernels" + (" (single-threaded: no OpenMP)" if kernel in _single_threaded else "")
     except FusedUnavailable as err:
         return f"pure PyTorch (fused kernels unavailable: {err})"

@@ -42,6 +42,7 @@
 #endif
 
 #include "simd.h"
+#include "threads.h"
 
 namespace {
 
@@ -791,6 +792,7 @@ std::vector<torch::Tensor> selective_backward(torch::Tensor u, torch::Tensor del
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_workers", &vmamba_threads::parallel_workers, "threads that share an at::parallel_for");
   m.def("forward", &multi_forward, "fused multi-direction selective scan, map layout (forward)");
   m.def("backward", &multi_backward, "fused multi-direction selective scan, map layout (backward)");
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");

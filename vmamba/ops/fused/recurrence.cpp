@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "simd.h"
+#include "threads.h"
 
 namespace {
 
@@ -283,5 +284,6 @@ std::vector<torch::Tensor> recurrence_forward(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_workers", &vmamba_threads::parallel_workers, "threads that share an at::parallel_for");
   m.def("forward", &recurrence_forward, "fused decayed linear recurrence (GLA / retention / SSD / RWKV-7), forward");
 }
