@@ -245,3 +245,24 @@ def test_kernels_share_pytorchs_thread_pool(kernel):
             assert module.parallel_workers(1) == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_backward_as_the_first_parallel_region_of_a_process():
+    """The per-thread dB / dC slots must not depend on what OpenMP reports inside the parallel region (a
+    fresh process whose first parallel region is the kernel's backward once failed with 'unexpected thread
+    id')."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from vmamba.ops.fused.loader import load\n"
+        "k = load(); B, L, K, D, N = 2, 70, 2, 32, 1\n"
+        "e = torch.empty(0); idx = torch.stack([torch.arange(L), torch.arange(L).flip(0)])\n"
+        "g = k.backward(torch.randn(B, L, 1, D), torch.randn(B, L, K, D), -torch.rand(K, N, D),\n"
+        "               torch.randn(B, L, K, 1, N), torch.randn(B, L, K, 1, N), e, e, idx, True,\n"
+        "               torch.randn(B, L, D), e)\n"
+        "assert all(torch.isfinite(t).all() for t in g if t is not None and t.numel())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

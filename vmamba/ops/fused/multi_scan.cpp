@@ -88,6 +88,16 @@ inline void lane_sums(const float* p, int64_t stride, int count, float* out) {
 #endif
 }
 
+// Asks for the cache line holding p. An asm statement on x86: GCC's vectoriser drops __builtin_prefetch
+// from loops it vectorises (here, loops over a tile's row indices).
+inline void prefetch_line(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
 // Copies a W x W block: out[j * os + i] = in[i * is + j] (rows of `in` become columns of `out`).
 inline void transpose_block(const float* in, int64_t is, float* out, int64_t os) {
 #ifdef VMAMBA_AVX512
@@ -126,10 +136,11 @@ inline void transpose_block(const float* in, int64_t is, float* out, int64_t os)
 
 // 2^y: round to the nearest integer k, a degree-6 fit of 2^f on [-1/2, 1/2] (relative error <= 1.1e-7 in
 // float32), times 2^k. The decays exp(dt * A) take this form with A pre-scaled by log2(e), saving the
-// two-constant range reduction of vexp in the innermost loop.
+// two-constant range reduction of vexp in the innermost loop. y is clamped to [-126, 127] (2^-126 ~ 1e-38:
+// a decay that leaves nothing of a state).
 inline vf vexp2(vf y) {
   y = vmin(vmax(y, splat(-126.0f)), splat(127.0f));
-  const vf k = (y + 12582912.0f) - 12582912.0f;  // round to nearest
+  const vf k = round_nearest(y);
   const vf f = y - k;
   vf p = splat(1.5465312753804028e-4f);
   p = p * f + 1.3395280111581087e-3f;
@@ -138,8 +149,7 @@ inline vf vexp2(vf y) {
   p = p * f + 2.4022650718688965e-1f;
   p = p * f + 6.931471824645996e-1f;
   p = p * f + 1.0f;
-  const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  return p * reinterpret_cast<const vf&>(bits);
+  return times_pow2(p, k);
 }
 constexpr float LOG2E = 1.44269504088896341f;
 
@@ -306,20 +316,41 @@ struct MapLayout {
   void load_h0(vf* h) const {
     for (int64_t n = 0; n < s.N; ++n) h[n] = h0 ? loadv(h0 + state_at(n)) : splat(0.0f);
   }
+  // Rows of one direction are a row stride (or, column-major, a whole map column) apart, so the hardware
+  // prefetchers, which stop at page boundaries, miss most of them: the next tile's rows are requested
+  // while the current tile computes.
+  void prefetch_inputs(int64_t t0, int T) const {
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = row(t0 + t);
+      prefetch_line(u + u_at(r));
+      prefetch_line(delta + (r * s.K + k) * s.D + d0);
+      prefetch_line(Bm + bc_at(r));
+      prefetch_line(Cm + bc_at(r));
+    }
+  }
   void load_tile(Stage& st, int64_t t0, int T) const {
     const int64_t N = s.N;
     for (int t = 0; t < T; ++t) {
       const int64_t r = row(t0 + t);
       storev(st.x + t * W, loadv(u + u_at(r)));
       storev(st.dt + t * W, loadv(delta + (r * s.K + k) * s.D + d0));
-      std::memcpy(st.Bt.data() + t * N, Bm + bc_at(r), N * sizeof(float));
-      std::memcpy(st.Ct.data() + t * N, Cm + bc_at(r), N * sizeof(float));
+      if (N == 1) {  // d_state 1 (VMamba v2): a scalar copy, not a library memcpy call per step
+        st.Bt[t] = Bm[bc_at(r)];
+        st.Ct[t] = Cm[bc_at(r)];
+      } else {
+        std::memcpy(st.Bt.data() + t * N, Bm + bc_at(r), N * sizeof(float));
+        std::memcpy(st.Ct.data() + t * N, Cm + bc_at(r), N * sizeof(float));
+      }
     }
   }
 };
 
 struct MapForward : MapLayout {
   float *y, *hT;
+  void prefetch(int64_t t0, int T) const {
+    prefetch_inputs(t0, T);
+    for (int t = 0; t < T; ++t) prefetch_line(y + row(t0 + t) * s.D + d0);
+  }
   void store_tile(Stage& st, int64_t t0, int T) const {
     for (int t = 0; t < T; ++t) {
       float* yo = y + row(t0 + t) * s.D + d0;
@@ -335,6 +366,15 @@ struct MapBackward : MapLayout {
   const float *dy, *dhT;
   float *du, *ddelta, *dA, *dB, *dC, *dh0;  // dB, dC: this thread's (B, L, K, G, N) partial sums
   static constexpr bool needs_y = false;
+  void prefetch(int64_t t0, int T) const {
+    prefetch_inputs(t0, T);
+    for (int t = 0; t < T; ++t) {
+      const int64_t r = row(t0 + t);
+      prefetch_line(dy + r * s.D + d0);
+      prefetch_line(du + u_at(r));
+      prefetch_line(ddelta + (r * s.K + k) * s.D + d0);
+    }
+  }
   void load_dh(vf* dh) const {
     for (int64_t n = 0; n < s.N; ++n) dh[n] = dhT ? loadv(dhT + state_at(n)) : splat(0.0f);
   }
@@ -374,6 +414,9 @@ struct SeqLayout {
   const float *u, *delta, *A, *Bm, *Cm, *Dskip, *z, *bias, *h0;
 
   int64_t length() const { return s.L; }
+  // Each channel is read and written along L, which the hardware prefetchers follow on their own.
+  void prefetch_inputs(int64_t, int) const {}
+  void prefetch(int64_t, int) const {}
   const float* chan(const float* p) const { return p + (b * s.D + c0) * s.L; }
   int64_t state_at(int64_t c, int64_t n) const { return (b * s.D + c0 + c) * s.N + n; }
 
@@ -535,6 +578,7 @@ void forward_pass(const Fwd& lay, int n_dyn, bool softplus, Stage& st, float* ma
     if (marks)
       for (int n = 0; n < N; ++n) storev(marks + (i * N + n) * W, h[n]);
     lay.load_tile(st, t0, T);
+    if (t0 + T < lay.length()) lay.prefetch(t0 + T, static_cast<int>(std::min<int64_t>(TILE, lay.length() - t0 - T)));
     step_sizes(st, T, bias, softplus, false);
     recur_tile<NN>(n_dyn, T, A2, h, st, st.y, nullptr, nullptr);
     lay.store_tile(st, t0, T);
@@ -560,6 +604,7 @@ void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st, const fl
       for (int n = 0; n < N; ++n) storev(st.marks.data() + (i * N + n) * W, h[n]);
       if (t0 + T == L) break;  // the last tile's end state is not needed
       lay.load_tile(st, t0, T);
+      if (t0 + T < L) lay.prefetch_inputs(t0 + T, static_cast<int>(std::min<int64_t>(TILE, L - t0 - T)));
       step_sizes(st, T, bias, softplus, false);
       recur_tile<NN>(n_dyn, T, A2, h, st, nullptr, nullptr, nullptr);
     }
@@ -573,6 +618,7 @@ void backward_pass(const Bwd& lay, int n_dyn, bool softplus, Stage& st, const fl
     const int64_t t0 = i * TILE;
     const int T = static_cast<int>(std::min<int64_t>(TILE, L - t0));
     lay.load_tile(st, t0, T);
+    if (i > 0) lay.prefetch(t0 - TILE, TILE);
     step_sizes(st, T, bias, softplus, true);
     for (int n = 0; n < N; ++n) h[n] = loadv(marks + (i * N + n) * W);
     recur_tile<NN>(n_dyn, T, A2, h, st, Bwd::needs_y ? st.y : nullptr, st.hs.data(), st.decay.data());
@@ -607,10 +653,11 @@ void check_f32(std::initializer_list<const torch::Tensor*> ts) {
     if (t->numel()) TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous(), "fused scan: inputs must be contiguous float32");
 }
 
-// Per-thread partial sums of dB / dC (tasks of one thread add into the same slice): (threads, ...).
-int64_t thread_slot() {
+// Per-thread partial sums of dB / dC (tasks of one thread add into the same slice): (threads, ...), with
+// `threads` = at::get_num_threads() taken before the parallel region (inside it OpenMP may report 1).
+int64_t thread_slot(int64_t threads) {
   const int64_t tid = at::get_thread_num();
-  TORCH_CHECK(tid >= 0 && tid < at::get_num_threads(), "fused scan: unexpected thread id");
+  TORCH_CHECK(tid >= 0 && tid < threads, "fused scan: unexpected thread id");
   return tid;
 }
 
@@ -686,7 +733,7 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
   at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
     Stage st;
     st.reserve(s.N, s.L);
-    const int64_t slot = thread_slot();
+    const int64_t slot = thread_slot(threads);
     for (int64_t task = begin; task < end; ++task)
       for (int64_t k = 0; k < s.K; ++k) {
         MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
@@ -776,7 +823,7 @@ std::vector<torch::Tensor> selective_backward(torch::Tensor u, torch::Tensor del
   at::parallel_for(0, s.B * s.G * s.blocks_per_group, 1, [&](int64_t begin, int64_t end) {
     Stage st;
     st.reserve(s.N, s.L);
-    const int64_t slot = thread_slot();
+    const int64_t slot = thread_slot(threads);
     for (int64_t task = begin; task < end; ++task) {
       SeqBackward lay{seq_task(s, task, u, delta, A, Bm, Cm, Dskip, z, bias, h0), dy.data_ptr<float>(), opt(dhT),
                       du.data_ptr<float>(), ddelta.data_ptr<float>(), dA.data_ptr<float>(),

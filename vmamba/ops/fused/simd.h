@@ -6,6 +6,9 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef VMAMBA_LANES
 #if defined(__AVX512F__)
@@ -32,11 +35,31 @@ inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
+// round(x) to the nearest integer (ties to even) and p * 2^k for integral k. AVX-512 has one instruction
+// for each (vrndscaleps, vscalefps: 2^k over- / underflows to inf / 0 by itself); elsewhere the
+// magic-number rounding and exponent-bit construction, valid for k in [-126, 127] (callers clamp).
+#if defined(__AVX512F__) && VMAMBA_LANES == 16
+inline vf round_nearest(vf x) {
+  return reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline vf times_pow2(vf p, vf k) {
+  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
+}
+#else
+inline vf round_nearest(vf x) { return (x + 12582912.0f) - 12582912.0f; }
+inline vf times_pow2(vf p, vf k) {
+  const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+#endif
+
 // exp(x): Cephes-style range reduction and polynomial (about 1 ulp), branch-free. Inputs are clamped to
 // [-87.3, 88.3] so 2^k stays a normal float (e^-87.3 ~ 1e-38: a decay that leaves nothing of a state).
 inline vf vexp(vf x) {
   x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
-  const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const vf k = round_nearest(x * 1.44269504088896341f);
   vf r = x - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
@@ -46,10 +69,7 @@ inline vf vexp(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return times_pow2(p, k);
 }
 
 }  // namespace vmamba_simd
