@@ -63,6 +63,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
+from vmamba.ops import depthwise_conv1d_silu
 from vmamba.ops.fused import MAX_D_STATE, fused_multi_scan, use_fused
 from vmamba.ssm_layer import ConvPlacement, MultiDirectionSSM
 
@@ -278,26 +279,18 @@ class VimBlock(nn.Module):
         conv_b = op.conv.bias.view(-1, e)[kk]
         if reverse:
             conv_w = conv_w.flip(0)  # causal in reversed order == anti-causal, flipped, in forward order
-        conv_w = conv_w.contiguous()  # contiguous taps: a strided weight slows addcmul four-fold
+        conv_w = conv_w.contiguous()  # contiguous taps: a strided weight slows the reference's addcmul four-fold
         rank, d_state = mixer.dt_rank, mixer.d_state
         x_proj, dt_proj = mixer.x_proj_weight[kk], mixer.dt_projs_weight[kk]
         dt_bias, d_skip = mixer.dt_projs_bias[kk : kk + 1].float(), mixer.Ds.view(-1, e)[kk]
         starts = list(range(0, n, rows))
         state = None
+        # the conv reads w - 1 rows of history before the chunk (after it when reversed)
+        offset = 0 if reverse else -(width - 1)
         for start in reversed(starts) if reverse else starts:
             stop = min(n, start + rows)
             c = stop - start
-            # the conv window: w - 1 rows of history before the chunk (after it when reversed), zero-padded
-            if reverse:
-                hi = min(n, stop + width - 1)
-                window = _pad_rows(seq[:, start:hi], 0, stop + width - 1 - hi)
-            else:
-                lo = max(0, start - width + 1)
-                window = _pad_rows(seq[:, lo:stop], lo - (start - width + 1), 0)
-            u = torch.addcmul(conv_b, window[:, :c], conv_w[0])
-            for j in range(1, width):
-                u = torch.addcmul(u, window[:, j : j + c], conv_w[j])
-            u = F.silu(u)  # (B, c, E)
+            u = depthwise_conv1d_silu(seq, conv_w, conv_b, start, stop, offset)  # (B, c, E)
             x_dbl = F.linear(u, x_proj)  # (B, c, R + 2S)
             dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)
             delta = F.linear(dt, dt_proj)  # (B, c, E)
@@ -316,11 +309,6 @@ class VimBlock(nn.Module):
                 y[:, start:stop] += y_c
             else:
                 y.index_add_(1, order[start:stop], y_c)
-
-
-def _pad_rows(t: Tensor, before: int, after: int) -> Tensor:
-    """Zero rows before / after axis 1 of ``(B, L, E)``."""
-    return F.pad(t, (0, 0, before, after)) if before or after else t
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,6 +1,7 @@
 """Optional fused CPU kernels, compiled just in time from C++ (``torch.utils.cpp_extension``): the selective
-scans (``multi_scan.cpp``) and the forward recurrence of GLA / retention / SSD / RWKV-7 for inference
-(``recurrence.cpp``), two extensions built and cached separately (:class:`FusedKernel`).
+scans (``multi_scan.cpp``), the forward recurrence of GLA / retention / SSD / RWKV-7 for inference
+(``recurrence.cpp``) and a Mamba block's depthwise conv + SiLU for inference (``conv_silu.cpp``), extensions
+built and cached separately (:class:`FusedKernel`).
 
 The pure-PyTorch ops stay the reference and the fallback. Which path runs is chosen by
 :func:`vmamba.ops.fused.scan_backend` from the ``VMAMBA_SCAN_BACKEND`` environment variable
@@ -25,6 +26,7 @@ from .multi_scan import (
     fused_selective_scan_forward,
     selective_checkpoints_shape,
 )
+from .conv_silu import fused_conv_silu, fused_conv_silu_applies
 from .recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "selective_checkpoints_shape",
     "fused_recurrence",
     "fused_recurrence_applies",
+    "fused_conv_silu",
+    "fused_conv_silu_applies",
     "MAX_D_STATE",
 ]
 

@@ -34,6 +34,7 @@ class FusedKernel(str, Enum):
 
     MULTI_SCAN = "multi_scan"  # the selective scans (multi_scan.cpp)
     RECURRENCE = "recurrence"  # the decayed linear recurrence of GLA / retention / SSD / RWKV-7 (recurrence.cpp)
+    CONV_SILU = "conv_silu"  # Mamba's depthwise conv + SiLU over a channels-last sequence, inference (conv_silu.cpp)
 
     @property
     def source(self) -> Path:

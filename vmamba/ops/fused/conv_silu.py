@@ -1,0 +1,45 @@
+"""The fused C++ depthwise 1-D convolution + SiLU (``conv_silu.cpp``) over a channels-last sequence, for
+inference (no autograd): the front end of a Mamba block (Vim's per-direction causal conv) in one pass.
+
+:func:`fused_conv_silu_applies` is the dispatch rule; :func:`fused_conv_silu` runs the ``vmamba::conv_silu``
+custom op. The public op with its pure-PyTorch reference is :func:`vmamba.ops.depthwise_conv1d_silu`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .loader import FusedKernel, load, use_fused
+
+__all__ = ["fused_conv_silu", "fused_conv_silu_applies"]
+
+_EMPTY = torch.empty(0)
+
+
+def fused_conv_silu_applies(x: Tensor, taps: Tensor, bias: Tensor | None) -> bool:
+    """True when no input needs a gradient (the kernel has no backward), every tensor is a CPU float32 tensor
+    (other dtypes keep their own arithmetic on the PyTorch path) and the fused backend is active."""
+    present = [t for t in (x, taps, bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    if any(t.dtype != torch.float32 for t in present):
+        return False
+    return use_fused(*present, kernel=FusedKernel.CONV_SILU)
+
+
+@torch.library.custom_op("vmamba::conv_silu", mutates_args=())
+def _conv_silu_op(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int) -> Tensor:
+    return load(FusedKernel.CONV_SILU).forward(
+        x.contiguous(), taps.contiguous(), _EMPTY if bias is None else bias.contiguous(), start, stop, offset
+    )
+
+
+@_conv_silu_op.register_fake
+def _(x, taps, bias, start, stop, offset):
+    return x.new_empty(x.shape[0], stop - start, x.shape[2])
+
+
+def fused_conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int) -> Tensor:
+    """``x: (B, N, E)``, ``taps: (w, E)``, ``bias: (E,)`` float32 -> ``(B, stop - start, E)`` (see
+    :func:`vmamba.ops.depthwise_conv1d_silu` for the formula)."""
+    return _conv_silu_op(x, taps, bias, int(start), int(stop), int(offset))
