@@ -71,9 +71,10 @@ __all__ = ["Vim", "VimBlock", "VimPatchEmbed", "resample_pos_embed", "checkpoint
 
 _SCANS = (ScanPattern.BI1D, ScanPattern.CROSS2D)
 _GLOBAL_POOLS = ("token", "avg", "")
-# Rows per fused-scan call: about this many elements per (B, rows, d_inner) temporary (long sequences run in
-# chunks with the state carried across, so memory does not grow with the chunk count).
-_CHUNK_ELEMENTS = 1 << 19
+# Rows per fused-scan call: at most about this many elements per (B, rows, d_inner) temporary, in chunks of
+# equal size (long sequences run in chunks with the state carried across, so memory does not grow with the
+# chunk count; a 224² batch of 8 is one chunk, which saves a second round of per-call work per direction).
+_CHUNK_ELEMENTS = 1 << 20
 _MIN_CHUNK_ROWS = 64
 
 
@@ -240,7 +241,8 @@ class VimBlock(nn.Module):
         b_x, b_z = op.in_proj.bias.split(e) if op.in_proj.bias is not None else (None, None)
         x = F.linear(h, w_x, b_x)  # (B, N, E); z is computed after the scans to keep memory low
         a = -torch.exp(mixer.A_logs.float()).view(k, e, -1).transpose(1, 2)  # (K, S, E)
-        rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, batch * e))
+        chunks = -(-n * batch * e // _CHUNK_ELEMENTS)
+        rows = max(_MIN_CHUNK_ROWS, -(-n // max(1, chunks)))
         identity = [bool(torch.equal(order, torch.arange(n, device=order.device))) for order in orders]
         # Direction 0 normally visits the stream in its own order (the official sequence) and writes y.
         y = (x.new_empty if identity[0] else x.new_zeros)(batch, n, e, dtype=torch.float32)
