@@ -266,3 +266,101 @@ def test_backward_as_the_first_parallel_region_of_a_process():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _map_inputs(batch, spatial, dim, d_state, groups=1, per_direction_u=False):
+    g = torch.Generator().manual_seed(11)
+    index = scan_indices(spatial, "cross2d")
+    k, length = index.shape
+    return dict(
+        u=torch.randn(batch, length, k if per_direction_u else 1, dim, generator=g),
+        delta=torch.randn(batch, length, k, dim, generator=g),
+        A=-torch.rand(k, d_state, dim, generator=g) - 0.1,
+        Bm=torch.randn(batch, length, k, groups, d_state, generator=g),
+        Cm=torch.randn(batch, length, k, groups, d_state, generator=g),
+        bias=torch.randn(k, dim, generator=g),
+        h0=torch.randn(batch, k, d_state, dim, generator=g),
+        index=index,
+    )
+
+
+@pytest.mark.parametrize("spatial, d_state, groups, per_direction_u", [((9, 15), 1, 1, False), ((1, 1), 1, 1, False),
+                                                                       ((13, 11), 16, 2, True), ((8, 16), 3, 1, False)])
+def test_fused_multi_backward_with_and_without_forward_checkpoints(spatial, d_state, groups, per_direction_u):
+    """The map-layout backward restarts from the forward's kept states (one per tile and direction), or
+    recomputes them with a forward sweep: the same gradients, and the same bias gradient as summing
+    d delta (the kernel reduces it per batch item and direction itself)."""
+    ext = fused.loader.load()
+    dim = 2 * ext.lanes
+    x = _map_inputs(2, spatial, dim, d_state, groups, per_direction_u)
+    args = [x[name] for name in ("u", "delta", "A", "Bm", "Cm", "bias", "h0", "index")]
+    y, last, marks = ext.forward(*args, True, True)
+    y_plain, last_plain, no_marks = ext.forward(*args, True)
+    assert no_marks.numel() == 0
+    from vmamba.ops.fused.multi_scan import multi_checkpoints_shape
+
+    assert tuple(marks.shape) == multi_checkpoints_shape(x["delta"], x["A"])
+    torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
+    torch.testing.assert_close(last, last_plain, rtol=0, atol=0)
+    dy, dlast = torch.randn_like(y), torch.randn_like(last)
+    with_marks = ext.backward(*args, True, dy, dlast, marks)
+    without = ext.backward(*args, True, dy, dlast)
+    names = ("u", "delta", "A", "B", "C", "bias", "h0")
+    for name, a, b in zip(names, with_marks, without):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    dbias = with_marks[5]  # (B, K, D)
+    torch.testing.assert_close(dbias.sum(0), with_marks[1].sum((0, 1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="checkpoints"):
+        ext.backward(*args, True, dy, dlast, marks[:1])
+
+
+@pytest.mark.parametrize("spatial, d_state", [((5, 7), 1), ((3, 4), 16), ((1, 1), 2)])
+def test_fused_multi_scan_gradients_with_initial_state_and_last_state(spatial, d_state):
+    """fused_multi_scan with an initial state, a loss on the last state and non-multiple-of-lanes channels
+    (zero-padded): outputs and every gradient (bias included) match per-direction loop scans."""
+    g = torch.Generator().manual_seed(5)
+    batch, dim = 2, 11
+    index = scan_indices(spatial, "cross2d")
+    k, length = index.shape
+    leaves = dict(
+        u=torch.randn(batch, length, dim, generator=g), delta=torch.randn(batch, length, k, dim, generator=g),
+        A=-torch.rand(k, d_state, dim, generator=g) - 0.1, B=torch.randn(batch, length, k, 1, d_state, generator=g),
+        C=torch.randn(batch, length, k, 1, d_state, generator=g), bias=torch.randn(k, dim, generator=g),
+        h0=torch.randn(batch, k, d_state, dim, generator=g),
+    )
+    fus = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    ref = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+    y_f, last_f = fused.fused_multi_scan(
+        fus["u"], fus["delta"], fus["A"], fus["B"], fus["C"], index, delta_bias=fus["bias"], initial_state=fus["h0"]
+    )
+    u_seq = torch.stack([ref["u"][:, index[j]] for j in range(k)], 1)  # (B, K, L, C)
+    delta_seq = torch.stack([ref["delta"][:, index[j], j] for j in range(k)], 1)
+    B_seq = torch.stack([ref["B"][:, index[j], j, 0] for j in range(k)], 1)  # (B, K, L, N)
+    C_seq = torch.stack([ref["C"][:, index[j], j, 0] for j in range(k)], 1)
+    out, last = selective_scan_ref(
+        u_seq.transpose(2, 3).reshape(batch, k * dim, length), delta_seq.transpose(2, 3).reshape(batch, k * dim, length),
+        ref["A"].transpose(1, 2).reshape(k * dim, d_state), B_seq.transpose(2, 3), C_seq.transpose(2, 3),
+        delta_bias=ref["bias"].reshape(-1), delta_softplus=True, return_last_state=True,
+        initial_state=ref["h0"].transpose(2, 3).reshape(batch, k * dim, d_state),
+    )
+    out = out.view(batch, k, dim, length).transpose(2, 3)  # (B, K, L, C) in scan order
+    y_r = torch.zeros(batch, length, dim).index_add(1, index.reshape(-1), out.reshape(batch, k * length, dim))
+    last_r = last.view(batch, k, dim, d_state).transpose(2, 3)
+    torch.testing.assert_close(y_f, y_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last_f, last_r, rtol=1e-5, atol=1e-5)
+    w, w_last = torch.randn_like(y_r), torch.randn_like(last_r)
+    grads_f = torch.autograd.grad((y_f * w).sum() + (last_f * w_last).sum(), list(fus.values()))
+    grads_r = torch.autograd.grad((y_r * w).sum() + (last_r * w_last).sum(), list(ref.values()))
+    for name, gf, gr in zip(leaves, grads_f, grads_r):
+        scale = gr.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(gf / scale, gr / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_multi_scan_op_registration():
+    ext = fused.loader.load()
+    x = _map_inputs(1, (3, 5), ext.lanes, 2)
+    for name in ("u", "delta", "A", "Bm", "Cm", "bias", "h0"):
+        x[name].requires_grad_()
+    args = [x[name] for name in ("u", "delta", "A", "Bm", "Cm", "bias", "h0", "index")]
+    for keep in (True, False):
+        torch.library.opcheck(torch.ops.vmamba.multi_scan.default, args + [True, keep])

@@ -14,6 +14,7 @@
 //     bias   (K, D)             dt bias (may be empty);  h0, hT (B, K, N, D)
 //     index  (K, L) int64       direction k visits map row index[k][t] at step t
 //     y      (B, L, D)          sum over k of <C, h> (no D skip, no gate: the caller adds them)
+//     marks  (B * D / W, K, tiles, N, W)  state before every tile (forward on request, read by the backward)
 //   Channels per group must be a multiple of W (the caller zero-pads).
 //
 // * SeqLayout (`selective_forward` / `selective_backward`): mamba-ssm's selective_scan_fn layout, read and
@@ -22,7 +23,7 @@
 //     u, delta, z, y (B, D, L);  A (D, N);  Bm, Cm (B, G, N, L);  D, bias (D);  h0, hT (B, D, N)
 //   Any channel count: a group's last block has idle lanes that are staged as zeros and never written.
 //
-// Backward: the state before every tile comes from the forward (SeqLayout keeps them on request) or from a
+// Backward: the state before every tile comes from the forward (both layouts keep them on request) or from a
 // forward sweep; tiles are then processed from the end: recompute the tile's states and decays into an
 // L2-resident buffer, run the adjoint backwards, and reduce the per-lane B / C gradient products 16 steps
 // at a time. dB / dC are summed per thread (no atomics), then over threads by the caller.
@@ -364,7 +365,7 @@ struct MapForward : MapLayout {
 
 struct MapBackward : MapLayout {
   const float *dy, *dhT;
-  float *du, *ddelta, *dA, *dB, *dC, *dh0;  // dB, dC: this thread's (B, L, K, G, N) partial sums
+  float *du, *ddelta, *dA, *dB, *dC, *dbias, *dh0;  // dB, dC: this thread's (B, L, K, G, N) partial sums
   static constexpr bool needs_y = false;
   void prefetch(int64_t t0, int T) const {
     prefetch_inputs(t0, T);
@@ -395,11 +396,12 @@ struct MapBackward : MapLayout {
       }
     }
   }
-  void store_end(const vf* dh, const vf* dAacc, vf /*dbias*/) const {
+  void store_end(const vf* dh, const vf* dAacc, vf dbias_acc) const {
     for (int64_t n = 0; n < s.N; ++n) {
       if (dh0) storev(dh0 + state_at(n), dh[n]);
       storev(dA + state_at(n), dAacc[n]);
     }
+    storev(dbias + (b * s.K + k) * s.D + d0, dbias_acc);
   }
 };
 
@@ -696,38 +698,46 @@ MapLayout map_task(const MapDims& s, int64_t b, int64_t blk, int64_t k, const to
                    index.data_ptr<int64_t>() + k * s.L};
 }
 
+// Returns y, hT and, with `keep_marks`, the state before every tile (tasks, K, tiles, N, W) for the backward.
 std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                          torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
-                                         bool softplus) {
+                                         bool softplus, bool keep_marks) {
   const MapDims s = map_dims(u, delta, A, Bm, index);
   check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0});
+  const int64_t tasks = s.B * s.blocks, mark_size = tiles(s.L) * s.N * W;
   auto y = torch::zeros({s.B, s.L, s.D}, u.options());
   auto hT = torch::empty({s.B, s.K, s.N, s.D}, u.options());
-  at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
+  auto marks = keep_marks ? torch::empty({tasks, s.K, tiles(s.L), s.N, W}, u.options()) : torch::empty({0}, u.options());
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Stage st;
     st.reserve(s.N, s.L);
     for (int64_t task = begin; task < end; ++task)
       for (int64_t k = 0; k < s.K; ++k) {
         MapForward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
                        y.data_ptr<float>(), hT.data_ptr<float>()};
-        forward_any(lay, s.N, softplus, st);
+        forward_any(lay, s.N, softplus, st, keep_marks ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
   });
-  return {y, hT};
+  return {y, hT, marks};
 }
 
-// Returns du, ddelta, dA per batch item (B, K, N, D), dB and dC (B, L, K, G, N), dh0.
+// Returns du, ddelta, dA per batch item (B, K, N, D), dB and dC (B, L, K, G, N), dbias per batch item
+// (B, K, D), dh0. `marks` from the forward (or empty: a forward sweep recomputes them).
 std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                           torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
-                                          bool softplus, torch::Tensor dy, torch::Tensor dhT) {
+                                          bool softplus, torch::Tensor dy, torch::Tensor dhT, torch::Tensor marks) {
   const MapDims s = map_dims(u, delta, A, Bm, index);
-  check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT});
+  check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT, &marks});
+  const int64_t mark_size = tiles(s.L) * s.N * W;
+  TORCH_CHECK(marks.numel() == 0 || marks.numel() == s.B * s.blocks * s.K * mark_size,
+              "multi_scan: checkpoints do not match the inputs");
   const int64_t threads = at::get_num_threads();
   auto du = torch::zeros_like(u);
   auto ddelta = torch::empty_like(delta);
   auto dA = torch::empty({s.B, s.K, s.N, s.D}, u.options());
   auto dB = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
   auto dC = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
+  auto dbias = torch::empty({s.B, s.K, s.D}, u.options());
   auto dh0 = h0.numel() ? torch::empty_like(h0) : torch::Tensor();
   const int64_t part = s.B * s.L * s.K * s.G * s.N;
   at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -739,11 +749,12 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
         MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
                         dy.data_ptr<float>(), opt(dhT), du.data_ptr<float>(), ddelta.data_ptr<float>(),
                         dA.data_ptr<float>(), dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part,
-                        h0.numel() ? dh0.data_ptr<float>() : nullptr};
-        backward_any(lay, s.N, softplus, st);
+                        dbias.data_ptr<float>(), h0.numel() ? dh0.data_ptr<float>() : nullptr};
+        backward_any(lay, s.N, softplus, st,
+                     marks.numel() ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
   });
-  return {du, ddelta, dA, dB.sum(0), dC.sum(0), dh0};
+  return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dbias, dh0};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -840,8 +851,13 @@ std::vector<torch::Tensor> selective_backward(torch::Tensor u, torch::Tensor del
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_workers", &vmamba_threads::parallel_workers, "threads that share an at::parallel_for");
-  m.def("forward", &multi_forward, "fused multi-direction selective scan, map layout (forward)");
-  m.def("backward", &multi_backward, "fused multi-direction selective scan, map layout (backward)");
+  // The checkpoint arguments are optional so callers without them keep working (the map layout's old signature).
+  m.def("forward", &multi_forward, "fused multi-direction selective scan, map layout (forward)", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("Bm"), py::arg("Cm"), py::arg("bias"), py::arg("h0"), py::arg("index"),
+        py::arg("softplus"), py::arg("keep_marks") = false);
+  m.def("backward", &multi_backward, "fused multi-direction selective scan, map layout (backward)", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("Bm"), py::arg("Cm"), py::arg("bias"), py::arg("h0"), py::arg("index"),
+        py::arg("softplus"), py::arg("dy"), py::arg("dhT"), py::arg("marks") = torch::empty({0}));
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
   m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
   m.attr("lanes") = W;

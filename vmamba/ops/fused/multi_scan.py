@@ -4,7 +4,8 @@ Two entry points share one kernel core (tile staging, the recurrence, the tiled 
 
 * :func:`fused_multi_scan` -- K directions of one channels-last map ``(B, L, D)``, scanned in place along
   index orders and merged by summation (the VMamba SS2D path). Channels are zero-padded per group to whole
-  SIMD blocks here.
+  SIMD blocks here. When a backward will run, the forward keeps the state before every tile of every
+  direction (:func:`multi_checkpoints_shape`), as below.
 * :func:`fused_selective_scan` -- mamba-ssm's ``selective_scan_fn`` layout ``(B, D, L)``, read and written in
   place by the kernel (no transposed, padded or gated copies: each task transposes a W-channel x 64-step tile
   through cache-resident buffers), with the D skip and the ``silu(z)`` gate fused, forward and backward.
@@ -27,6 +28,7 @@ from .loader import load
 
 __all__ = [
     "fused_multi_scan",
+    "multi_checkpoints_shape",
     "fused_selective_scan",
     "fused_selective_scan_forward",
     "fused_selective_scan_backward",
@@ -40,60 +42,81 @@ def _opt(t: Tensor | None) -> Tensor:
     return _EMPTY if t is None else t
 
 
+def multi_checkpoints_shape(delta: Tensor, A: Tensor) -> tuple[int, int, int, int, int]:
+    """Shape of the states the map-layout forward keeps for the backward: (tasks, K, tiles, N, lanes), a
+    task being one batch item's block of SIMD-width channels and a tile :data:`TILE` steps; ``delta`` is
+    the kernel's (channel-padded) ``(B, L, K, D)`` input. About N/64 of ``delta``'s size."""
+    ext = load()
+    batch, length, directions, dim = delta.shape
+    return batch * (dim // ext.lanes), directions, -(-length // ext.tile), A.shape[1], ext.lanes
+
+
 @torch.library.custom_op("vmamba::multi_scan", mutates_args=())
 def _multi_scan_op(
     u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, bias: Tensor | None, h0: Tensor | None,
-    index: Tensor, softplus: bool,
-) -> tuple[Tensor, Tensor]:
-    y, last = load().forward(u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus)
-    return y, last
+    index: Tensor, softplus: bool, keep_checkpoints: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``y (B, L, D)``, ``last (B, K, N, D)`` and the backward's checkpoints (empty without
+    ``keep_checkpoints``)."""
+    y, last, marks = load().forward(u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, keep_checkpoints)
+    return y, last, marks
 
 
 @_multi_scan_op.register_fake
-def _(u, delta, A, Bm, Cm, bias, h0, index, softplus):
+def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints):
     batch, length, _, dim = u.shape
-    return u.new_empty(batch, length, dim), u.new_empty(batch, delta.shape[2], A.shape[1], dim)
+    marks = multi_checkpoints_shape(delta, A) if keep_checkpoints else (0,)
+    return (
+        u.new_empty(batch, length, dim),
+        u.new_empty(batch, delta.shape[2], A.shape[1], dim),
+        u.new_empty(marks),
+    )
 
 
 @torch.library.custom_op("vmamba::multi_scan_backward", mutates_args=())
 def _multi_scan_backward_op(
     dy: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor,
-    bias: Tensor | None, h0: Tensor | None, index: Tensor, softplus: bool,
+    bias: Tensor | None, h0: Tensor | None, index: Tensor, softplus: bool, checkpoints: Tensor | None = None,
 ) -> list[Tensor]:
-    """Gradients ``[u, delta, A, B, C, bias, h0]`` (empty tensors for absent inputs)."""
-    du, ddelta, dA_part, dB, dC, dh0 = load().backward(
+    """Gradients ``[u, delta, A, B, C, bias, h0]`` (empty tensors for absent inputs). ``checkpoints`` from
+    the forward save the kernel a forward sweep; without them it recomputes the states."""
+    du, ddelta, dA_part, dB, dC, dbias_part, dh0 = load().backward(
         u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, dy.contiguous().float(),
-        _EMPTY if dlast is None else dlast.contiguous().float(),
+        _EMPTY if dlast is None else dlast.contiguous().float(), _opt(checkpoints),
     )
+    # Shared parameters come back per batch item: sum them here.
     return [
         du,
         ddelta,
         dA_part.sum(0),
         dB,
         dC,
-        ddelta.sum((0, 1)) if bias is not None else u.new_empty(0),
+        dbias_part.sum(0) if bias is not None else u.new_empty(0),
         dh0 if h0 is not None else u.new_empty(0),
     ]
 
 
 @_multi_scan_backward_op.register_fake
-def _(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus):
+def _(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus, checkpoints=None):
     return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, Bm, Cm, bias, h0)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, Bm, Cm, bias, h0, index, softplus = inputs
-    ctx.save_for_backward(u, delta, A, Bm, Cm, bias, h0, index)
+    u, delta, A, Bm, Cm, bias, h0, index, softplus, _ = inputs
+    marks = output[2]
+    ctx.save_for_backward(u, delta, A, Bm, Cm, bias, h0, index, marks if marks.numel() else None)
     ctx.softplus = softplus
 
 
-def _backward(ctx, dy: Tensor | None, dlast: Tensor | None):
-    u, delta, A, Bm, Cm, bias, h0, index = ctx.saved_tensors
+def _backward(ctx, dy: Tensor | None, dlast: Tensor | None, _dmarks: Tensor | None):
+    u, delta, A, Bm, Cm, bias, h0, index, marks = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape[0], u.shape[1], u.shape[3])
-    grads = torch.ops.vmamba.multi_scan_backward(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus)
+    grads = torch.ops.vmamba.multi_scan_backward(
+        dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus, marks
+    )
     present = (u, delta, A, Bm, Cm, bias, h0)
-    return (*(g if t is not None else None for g, t in zip(grads, present)), None, None)
+    return (*(g if t is not None else None for g, t in zip(grads, present)), None, None, None)
 
 
 _multi_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -156,9 +179,11 @@ def fused_multi_scan(
             t = F.pad(t.unflatten(-1, (groups, per_group)), (0, pad)).flatten(-2)
         return t.contiguous()
 
-    y, last = torch.ops.vmamba.multi_scan(
+    tensors = (u, delta, A, B, C, delta_bias, initial_state)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, last, _ = torch.ops.vmamba.multi_scan(
         prep(u), prep(delta), prep(A), B.float().contiguous(), C.float().contiguous(), prep(delta_bias),
-        prep(initial_state), index.to(torch.int64).contiguous(), bool(delta_softplus),
+        prep(initial_state), index.to(torch.int64).contiguous(), bool(delta_softplus), keep,
     )
     if pad:
         unpad = lambda t: t.unflatten(-1, (groups, per_group + pad))[..., :per_group].flatten(-2)  # noqa: E731
