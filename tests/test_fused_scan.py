@@ -364,3 +364,25 @@ def test_fused_multi_scan_op_registration():
     args = [x[name] for name in ("u", "delta", "A", "Bm", "Cm", "bias", "h0", "index")]
     for keep in (True, False):
         torch.library.opcheck(torch.ops.vmamba.multi_scan.default, args + [True, keep])
+
+
+def test_fused_multi_scan_rejects_index_rows_that_are_not_permutations():
+    """Every direction must visit every map row once (the kernel indexes with it and direction 0 writes the
+    rows the others add to)."""
+    index = scan_indices((3, 4), "cross2d")
+    k, length = index.shape
+    u, delta, A = torch.randn(1, length, 16), torch.randn(1, length, k, 16), -torch.rand(k, 1, 16)
+    Bm = Cm = torch.randn(1, length, k, 1, 1)
+    bad = index.clone()
+    bad[1, 0] = bad[1, 1]  # a row visited twice, another never
+    with pytest.raises(ValueError, match="permutation"):
+        fused.fused_multi_scan(u, delta, A, Bm, Cm, bad)
+    with pytest.raises(ValueError, match="index"):
+        fused.fused_multi_scan(u, delta, A, Bm, Cm, index[:, :-1])
+    E = torch.empty(0)
+    with pytest.raises(RuntimeError, match="permutation"):
+        fused.loader.load().forward(u.unsqueeze(2), delta, A, Bm, Cm, E, E, bad, True)
+    out_of_range = index.clone()
+    out_of_range[0, 0] = length
+    with pytest.raises(RuntimeError, match="permutation"):
+        fused.loader.load().forward(u.unsqueeze(2), delta, A, Bm, Cm, E, E, out_of_range, True)

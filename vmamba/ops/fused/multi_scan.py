@@ -155,7 +155,7 @@ def fused_multi_scan(
         delta: ``(B, L, K, D)`` raw step sizes per direction, in map-row order.
         A: ``(K, N, D)`` (negative) decay rates.
         B, C: ``(B, L, K, G, N)``; group ``g`` serves channels ``g*D/G .. (g+1)*D/G - 1``.
-        index: ``(K, L)`` int64 row order of each direction.
+        index: ``(K, L)`` row order of each direction: each row a permutation of ``0 .. L-1``.
         delta_bias: ``(K, D)`` added to ``delta`` before the softplus.
         initial_state: ``(B, K, N, D)``.
 
@@ -164,6 +164,11 @@ def fused_multi_scan(
     """
     if u.dim() == 3:
         u = u.unsqueeze(2)
+    length = u.shape[1]
+    if index.dim() != 2 or index.shape[1] != length:
+        raise ValueError(f"index must be (K, {length}), got {tuple(index.shape)}")
+    if not torch.equal(index.sort(dim=1).values.cpu(), torch.arange(length).expand_as(index)):
+        raise ValueError("each row of index must be a permutation of the map rows 0 .. L-1")
     groups, dim = B.shape[3], u.shape[-1]
     if dim % groups != 0:
         raise ValueError(f"{groups} groups do not divide {dim} channels")
