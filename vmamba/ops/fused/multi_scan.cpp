@@ -225,8 +225,15 @@ inline void step_sizes(Stage& st, int T, vf bias, bool softplus, bool derivative
 // <C, h_t> of every step is stored, with `hs` every state (hs[0] = the incoming one) and with `decay` every
 // exp(dt * A), which the reverse sweep reuses.
 template <int NN>
-inline void recur_tile(int n_dyn, int T, const vf* A2, vf* h, const Stage& st, float* y, vf* hs, vf* decay) {
+inline void recur_tile(int n_dyn, int T, const vf* A2, vf* h_io, const Stage& st, float* y, vf* hs, vf* decay) {
   const int N = NN ? NN : n_dyn;
+  // With a compile-time N the states are carried in a local array the compiler keeps in registers: through
+  // h_io, which may alias the hs / decay stores, the step-to-step chain went through memory (a store and
+  // a forwarded load every step, ~9% of the map-layout backward in perf).
+  vf local[NN ? NN : 1];
+  vf* h = NN ? local : h_io;
+  if (NN)
+    for (int n = 0; n < N; ++n) local[n] = h_io[n];
   if (hs)
     for (int n = 0; n < N; ++n) hs[n] = h[n];
   for (int t = 0; t < T; ++t) {
@@ -245,15 +252,26 @@ inline void recur_tile(int n_dyn, int T, const vf* A2, vf* h, const Stage& st, f
     if (hs)
       for (int n = 0; n < N; ++n) hs[(t + 1) * N + n] = h[n];
   }
+  if (NN)
+    for (int n = 0; n < N; ++n) h_io[n] = local[n];
 }
 
 // Reverse sweep over one tile: dh (N vectors, d loss / d h after the tile) is carried backwards; st.du and
 // st.ddt get the scan part of d loss / d u and d loss / d delta; st.dBt / st.dCt (N, TILE) the per-step B,
 // C grads. Their lane sums are taken after the sweep, 16 at a time (see lane_sums), off the dependency chain.
 template <int NN>
-inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, const vf* decay, vf* dh, vf* dAacc,
+inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, const vf* decay, vf* dh_io, vf* dA_io,
                          Stage& st) {
   const int N = NN ? NN : n_dyn;
+  // Register-resident carries with a compile-time N, as in recur_tile (the stage stores may alias dh_io).
+  vf dh_local[NN ? NN : 1], dA_local[NN ? NN : 1];
+  vf* dh = NN ? dh_local : dh_io;
+  vf* dAacc = NN ? dA_local : dA_io;
+  if (NN)
+    for (int n = 0; n < N; ++n) {
+      dh_local[n] = dh_io[n];
+      dA_local[n] = dA_io[n];
+    }
   for (int t = T - 1; t >= 0; --t) {
     const vf uu = loadv(st.x + t * W);
     const vf gy = loadv(st.gy + t * W);
@@ -281,6 +299,11 @@ inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, const vf*
     storev(st.du + t * W, ddtu * dt);
     storev(st.ddt + t * W, (ddt + ddtu * uu) * loadv(st.sig + t * W));
   }
+  if (NN)
+    for (int n = 0; n < N; ++n) {
+      dh_io[n] = dh_local[n];
+      dA_io[n] = dA_local[n];
+    }
   for (int n = 0; n < N; ++n)
     for (int t = 0; t < T; t += 16) {
       const int count = std::min(16, T - t);
