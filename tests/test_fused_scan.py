@@ -386,3 +386,38 @@ def test_fused_multi_scan_rejects_index_rows_that_are_not_permutations():
     out_of_range[0, 0] = length
     with pytest.raises(RuntimeError, match="permutation"):
         fused.loader.load().forward(u.unsqueeze(2), delta, A, Bm, Cm, E, E, out_of_range, True)
+
+
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_fused_multi_scan_reads_strided_delta_in_place(d_state):
+    """A delta in the dt projection's (K, B, L, D) memory order is read in place: same outputs and gradients
+    as its contiguous copy, and d delta comes back in the same strides."""
+    ext = fused.loader.load()
+    x = _map_inputs(2, (9, 7), ext.lanes, d_state)
+    strided = x["delta"].permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)  # (B, L, K, D) view
+    assert not strided.is_contiguous() and torch.equal(strided, x["delta"])
+    rest = [x[name] for name in ("A", "Bm", "Cm", "bias", "h0", "index")]
+    y_c, last_c, marks = ext.forward(x["u"], x["delta"], *rest, True, True)
+    y_s, last_s, _ = ext.forward(x["u"], strided, *rest, True, True)
+    torch.testing.assert_close(y_s, y_c, rtol=0, atol=0)
+    torch.testing.assert_close(last_s, last_c, rtol=0, atol=0)
+    dy, dlast = torch.randn_like(y_c), torch.randn_like(last_c)
+    grads_c = ext.backward(x["u"], x["delta"], *rest, True, dy, dlast, marks)
+    grads_s = ext.backward(x["u"], strided, *rest, True, dy, dlast, marks)
+    assert grads_s[1].stride() == strided.stride()
+    for a, b in zip(grads_s, grads_c):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="unit channel stride"):
+        ext.forward(x["u"], x["delta"].transpose(2, 3).contiguous().transpose(2, 3)[..., :1].expand_as(x["delta"]),
+                    *rest, True)
+    # Through the autograd op: the same gradients as a contiguous delta, and opcheck with the strided layout.
+    leaves = [t.clone().requires_grad_() for t in (x["u"][:, :, 0], strided, x["A"], x["Bm"], x["Cm"], x["bias"])]
+    y, _ = fused.fused_multi_scan(*leaves[:5], x["index"], delta_bias=leaves[5])
+    g_strided = torch.autograd.grad((y * dy).sum(), leaves)
+    leaves_c = [t.detach().contiguous().requires_grad_() for t in leaves]
+    y, _ = fused.fused_multi_scan(*leaves_c[:5], x["index"], delta_bias=leaves_c[5])
+    g_contig = torch.autograd.grad((y * dy).sum(), leaves_c)
+    for a, b in zip(g_strided, g_contig):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    args = [x["u"], strided.clone().requires_grad_(), *rest[:4], rest[4], rest[5]]
+    torch.library.opcheck(torch.ops.vmamba.multi_scan.default, args + [True, True])

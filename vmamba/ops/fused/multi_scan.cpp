@@ -8,7 +8,10 @@
 //
 // * MapLayout (`multi_forward` / `multi_backward`): K directions of one map, merged in place.
 //     u      (B, L, Ku, D)      input; Ku = 1 (shared by every direction) or K (one per direction)
-//     delta  (B, L, K, D)       raw dt per direction (bias / softplus applied here)
+//     delta  (B, L, K, D)       raw dt per direction (bias / softplus applied here); any strides with unit
+//                               channel stride (the dt projection's einsum gives (K, B, L, D) memory order,
+//                               and a contiguous copy of it cost more than the scan at 56 x 56); d delta is
+//                               returned with the same strides
 //     A      (K, N, D)          negative decay rates
 //     Bm, Cm (B, L, K, G, N)    group g serves channels g*D/G..(g+1)*D/G-1
 //     bias   (K, D)             dt bias (may be empty);  h0, hT (B, K, N, D)
@@ -322,6 +325,7 @@ inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, const vf*
 
 struct MapDims {
   int64_t B, L, K, Ku, D, G, N, blocks;
+  int64_t delta_b, delta_l, delta_k;  // delta's (and d delta's) strides; the channel stride is 1
 };
 
 // One (batch item, block, direction) of the multi-direction map layout.
@@ -339,6 +343,7 @@ struct MapLayout {
   int64_t row(int64_t t) const { return b * s.L + idx[t]; }
   int64_t u_at(int64_t r) const { return (r * s.Ku + (s.Ku == 1 ? 0 : k)) * s.D + d0; }
   int64_t bc_at(int64_t r) const { return ((r * s.K + k) * s.G + g) * s.N; }
+  int64_t delta_at(int64_t t) const { return b * s.delta_b + idx[t] * s.delta_l + k * s.delta_k + d0; }  // step t
   int64_t state_at(int64_t n) const { return ((b * s.K + k) * s.N + n) * s.D + d0; }
 
   void load_A(vf* Av) const {
@@ -355,7 +360,7 @@ struct MapLayout {
     for (int t = 0; t < T; ++t) {
       const int64_t r = row(t0 + t);
       prefetch_line(u + u_at(r));
-      prefetch_line(delta + (r * s.K + k) * s.D + d0);
+      prefetch_line(delta + delta_at(t0 + t));
       prefetch_line(Bm + bc_at(r));
       prefetch_line(Cm + bc_at(r));
     }
@@ -365,7 +370,7 @@ struct MapLayout {
     for (int t = 0; t < T; ++t) {
       const int64_t r = row(t0 + t);
       storev(st.x + t * W, loadv(u + u_at(r)));
-      storev(st.dt + t * W, loadv(delta + (r * s.K + k) * s.D + d0));
+      storev(st.dt + t * W, loadv(delta + delta_at(t0 + t)));
       if (N == 1) {  // d_state 1 (VMamba v2): a scalar copy, not a library memcpy call per step
         st.Bt[t] = Bm[bc_at(r)];
         st.Ct[t] = Cm[bc_at(r)];
@@ -404,7 +409,7 @@ struct MapBackward : MapLayout {
       const int64_t r = row(t0 + t);
       prefetch_line(dy + r * s.D + d0);
       prefetch_line(du + u_at(r));
-      prefetch_line(ddelta + (r * s.K + k) * s.D + d0);
+      prefetch_line(ddelta + delta_at(t0 + t));
     }
   }
   void load_dh(vf* dh) const {
@@ -419,7 +424,7 @@ struct MapBackward : MapLayout {
       const int64_t r = row(t0 + t);
       float* duo = du + u_at(r);
       storev(duo, first_writer() ? loadv(st.du + t * W) : loadv(duo) + loadv(st.du + t * W));
-      storev(ddelta + (r * s.K + k) * s.D + d0, loadv(st.ddt + t * W));
+      storev(ddelta + delta_at(t0 + t), loadv(st.ddt + t * W));
       float *dBo = dB + bc_at(r), *dCo = dC + bc_at(r);
       for (int64_t n = 0; n < N; ++n) {
         dBo[n] += st.dBt[n * TILE + t];
@@ -711,6 +716,13 @@ MapDims map_dims(const torch::Tensor& u, const torch::Tensor& delta, const torch
   s.N = A.size(1);
   s.G = Bm.size(3);
   TORCH_CHECK(s.Ku == 1 || s.Ku == s.K, "multi_scan: u must have 1 or K directions");
+  TORCH_CHECK(delta.size(0) == s.B && delta.size(1) == s.L && delta.size(3) == s.D, "multi_scan: bad delta shape");
+  TORCH_CHECK(delta.scalar_type() == torch::kFloat && (delta.stride(3) == 1 || s.D == 1) &&
+                  delta.is_non_overlapping_and_dense(),
+              "multi_scan: delta must be float32, dense, with unit channel stride");
+  s.delta_b = delta.stride(0);
+  s.delta_l = delta.stride(1);
+  s.delta_k = delta.stride(2);
   TORCH_CHECK(s.N <= MAX_N, "multi_scan: d_state must be <= 64");
   TORCH_CHECK(s.D % s.G == 0, "multi_scan: groups must divide channels");
   TORCH_CHECK((s.D / s.G) % W == 0, "multi_scan: channels per group must be a multiple of the SIMD width");
@@ -747,7 +759,7 @@ std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, t
                                          torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
                                          bool softplus, bool keep_marks) {
   const MapDims s = map_dims(u, delta, A, Bm, index);
-  check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0});
+  check_f32({&u, &A, &Bm, &Cm, &bias, &h0});  // delta: see map_dims
   const int64_t tasks = s.B * s.blocks, mark_size = tiles(s.L) * s.N * W;
   auto y = torch::empty({s.B, s.L, s.D}, u.options());  // direction 0 stores (see first_writer)
   auto hT = torch::empty({s.B, s.K, s.N, s.D}, u.options());
@@ -771,13 +783,13 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
                                           torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
                                           bool softplus, torch::Tensor dy, torch::Tensor dhT, torch::Tensor marks) {
   const MapDims s = map_dims(u, delta, A, Bm, index);
-  check_f32({&u, &delta, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT, &marks});
+  check_f32({&u, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT, &marks});  // delta: see map_dims
   const int64_t mark_size = tiles(s.L) * s.N * W;
   TORCH_CHECK(marks.numel() == 0 || marks.numel() == s.B * s.blocks * s.K * mark_size,
               "multi_scan: checkpoints do not match the inputs");
   const int64_t threads = at::get_num_threads();
   auto du = torch::empty_like(u);  // see first_writer
-  auto ddelta = torch::empty_like(delta);
+  auto ddelta = torch::empty_like(delta);  // delta's strides (a dense permutation: empty_like keeps them)
   auto dA = torch::empty({s.B, s.K, s.N, s.D}, u.options());
   auto dB = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
   auto dC = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
