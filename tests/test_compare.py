@@ -184,7 +184,9 @@ def test_end_to_end_tiny_run_writes_every_file(tmp_path: Path, capsys) -> None:
     env = json.loads((out / "environment.json").read_text())
     for key in ("date", "cpu", "logical_cpus", "threads_per_measurement", "versions", "settings", "memory_method"):
         assert env[key] not in (None, "", []), key
-    assert set(env["scan_kernels"]) == {"multi_scan", "recurrence"}
+    from vmamba.ops.fused import FusedKernel
+
+    assert set(env["scan_kernels"]) == {kernel.value for kernel in FusedKernel}
     assert all(path.startswith(("fused", "pure PyTorch")) for path in env["scan_kernels"].values())
     assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
     text = (out / "results.md").read_text()
