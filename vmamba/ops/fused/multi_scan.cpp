@@ -16,7 +16,8 @@
 //     Bm, Cm (B, L, K, G, N)    group g serves channels g*D/G..(g+1)*D/G-1
 //     bias   (K, D)             dt bias (may be empty);  h0, hT (B, K, N, D)
 //     index  (K, L) int64       direction k visits map row index[k][t] at step t
-//     y      (B, L, D)          sum over k of <C, h> (no D skip, no gate: the caller adds them)
+//     Dskip  (K, D)             optional D skip per direction (may be empty)
+//     y      (B, L, D)          sum over k of <C, h> + D_k u_k (no gate: the caller applies it)
 //     marks  (B * D / W, K, tiles, N, W)  state before every tile (forward on request, read by the backward)
 //   Channels per group must be a multiple of W (the caller zero-pads).
 //
@@ -332,10 +333,11 @@ struct MapDims {
 struct MapLayout {
   const MapDims& s;
   int64_t b, blk, k, d0, g;
-  const float *u, *delta, *A, *Bm, *Cm, *bias, *h0;
+  const float *u, *delta, *A, *Bm, *Cm, *bias, *h0, *Dskip;  // Dskip (K, D) or null
   const int64_t* idx;
 
   int64_t length() const { return s.L; }
+  vf load_D() const { return Dskip ? loadv(Dskip + k * s.D + d0) : splat(0.0f); }
   // A task runs its directions in order, so direction 0 (or every direction, with one u per direction) is
   // the first to write a y / du row: it stores, the others add. The outputs need no zero-fill beforehand (a
   // single-threaded memset plus page faults, ~2.5 ms for vmamba_t's first stage at batch 8).
@@ -389,9 +391,12 @@ struct MapForward : MapLayout {
     for (int t = 0; t < T; ++t) prefetch_line(y + row(t0 + t) * s.D + d0);
   }
   void store_tile(Stage& st, int64_t t0, int T) const {
+    const vf Dk = load_D();
     for (int t = 0; t < T; ++t) {
       float* yo = y + row(t0 + t) * s.D + d0;
-      storev(yo, k == 0 ? loadv(st.y + t * W) : loadv(yo) + loadv(st.y + t * W));
+      vf out = loadv(st.y + t * W);
+      if (Dskip) out += Dk * loadv(st.x + t * W);  // this direction's D skip
+      storev(yo, k == 0 ? out : loadv(yo) + out);
     }
   }
   void store_last(const vf* h) const {
@@ -401,7 +406,8 @@ struct MapForward : MapLayout {
 
 struct MapBackward : MapLayout {
   const float *dy, *dhT;
-  float *du, *ddelta, *dA, *dB, *dC, *dbias, *dh0;  // dB, dC: this thread's (B, L, K, G, N) partial sums
+  float *du, *ddelta, *dA, *dB, *dC, *dbias, *dh0, *dD;  // dB, dC: this thread's (B, L, K, G, N) partial sums
+  mutable vf dDacc;  // sum over steps of dy * u (the D skip's gradient), with Dskip
   static constexpr bool needs_y = false;
   void prefetch(int64_t t0, int T) const {
     prefetch_inputs(t0, T);
@@ -416,14 +422,21 @@ struct MapBackward : MapLayout {
     for (int64_t n = 0; n < s.N; ++n) dh[n] = dhT ? loadv(dhT + state_at(n)) : splat(0.0f);
   }
   void load_grad(Stage& st, int64_t t0, int T) const {
-    for (int t = 0; t < T; ++t) storev(st.gy + t * W, loadv(dy + row(t0 + t) * s.D + d0));
+    for (int t = 0; t < T; ++t) {
+      const vf g = loadv(dy + row(t0 + t) * s.D + d0);
+      storev(st.gy + t * W, g);
+      if (Dskip) dDacc += g * loadv(st.x + t * W);
+    }
   }
   void store_grads(Stage& st, int64_t t0, int T) const {
     const int64_t N = s.N;
+    const vf Dk = load_D();
     for (int t = 0; t < T; ++t) {
       const int64_t r = row(t0 + t);
       float* duo = du + u_at(r);
-      storev(duo, first_writer() ? loadv(st.du + t * W) : loadv(duo) + loadv(st.du + t * W));
+      vf dut = loadv(st.du + t * W);
+      if (Dskip) dut += Dk * loadv(st.gy + t * W);
+      storev(duo, first_writer() ? dut : loadv(duo) + dut);
       storev(ddelta + delta_at(t0 + t), loadv(st.ddt + t * W));
       float *dBo = dB + bc_at(r), *dCo = dC + bc_at(r);
       for (int64_t n = 0; n < N; ++n) {
@@ -438,6 +451,7 @@ struct MapBackward : MapLayout {
       storev(dA + state_at(n), dAacc[n]);
     }
     storev(dbias + (b * s.K + k) * s.D + d0, dbias_acc);
+    if (Dskip) storev(dD + (b * s.K + k) * s.D + d0, dDacc);
   }
 };
 
@@ -747,19 +761,20 @@ MapDims map_dims(const torch::Tensor& u, const torch::Tensor& delta, const torch
 MapLayout map_task(const MapDims& s, int64_t b, int64_t blk, int64_t k, const torch::Tensor& u,
                    const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
                    const torch::Tensor& Cm, const torch::Tensor& bias, const torch::Tensor& h0,
-                   const torch::Tensor& index) {
+                   const torch::Tensor& Dskip, const torch::Tensor& index) {
   const int64_t d0 = blk * W;
   return MapLayout{s, b, blk, k, d0, d0 / (s.D / s.G), u.data_ptr<float>(), delta.data_ptr<float>(),
                    A.data_ptr<float>(), Bm.data_ptr<float>(), Cm.data_ptr<float>(), opt(bias), opt(h0),
-                   index.data_ptr<int64_t>() + k * s.L};
+                   opt(Dskip), index.data_ptr<int64_t>() + k * s.L};
 }
 
 // Returns y, hT and, with `keep_marks`, the state before every tile (tasks, K, tiles, N, W) for the backward.
 std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                          torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
-                                         bool softplus, bool keep_marks) {
+                                         bool softplus, bool keep_marks, torch::Tensor Dskip) {
   const MapDims s = map_dims(u, delta, A, Bm, index);
-  check_f32({&u, &A, &Bm, &Cm, &bias, &h0});  // delta: see map_dims
+  check_f32({&u, &A, &Bm, &Cm, &bias, &h0, &Dskip});  // delta: see map_dims
+  TORCH_CHECK(Dskip.numel() == 0 || Dskip.numel() == s.K * s.D, "multi_scan: D must be (K, D)");
   const int64_t tasks = s.B * s.blocks, mark_size = tiles(s.L) * s.N * W;
   auto y = torch::empty({s.B, s.L, s.D}, u.options());  // direction 0 stores (see first_writer)
   auto hT = torch::empty({s.B, s.K, s.N, s.D}, u.options());
@@ -769,7 +784,7 @@ std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, t
     st.reserve(s.N, s.L);
     for (int64_t task = begin; task < end; ++task)
       for (int64_t k = 0; k < s.K; ++k) {
-        MapForward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
+        MapForward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index),
                        y.data_ptr<float>(), hT.data_ptr<float>()};
         forward_any(lay, s.N, softplus, st, keep_marks ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
@@ -778,12 +793,15 @@ std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, t
 }
 
 // Returns du, ddelta, dA per batch item (B, K, N, D), dB and dC (B, L, K, G, N), dbias per batch item
-// (B, K, D), dh0. `marks` from the forward (or empty: a forward sweep recomputes them).
+// (B, K, D), dh0, and with D dD per batch item (B, K, D). `marks` from the forward (or empty: a forward
+// sweep recomputes them).
 std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                           torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
-                                          bool softplus, torch::Tensor dy, torch::Tensor dhT, torch::Tensor marks) {
+                                          bool softplus, torch::Tensor dy, torch::Tensor dhT, torch::Tensor marks,
+                                          torch::Tensor Dskip) {
   const MapDims s = map_dims(u, delta, A, Bm, index);
-  check_f32({&u, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT, &marks});  // delta: see map_dims
+  check_f32({&u, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT, &marks, &Dskip});  // delta: see map_dims
+  TORCH_CHECK(Dskip.numel() == 0 || Dskip.numel() == s.K * s.D, "multi_scan: D must be (K, D)");
   const int64_t mark_size = tiles(s.L) * s.N * W;
   TORCH_CHECK(marks.numel() == 0 || marks.numel() == s.B * s.blocks * s.K * mark_size,
               "multi_scan: checkpoints do not match the inputs");
@@ -794,6 +812,7 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
   auto dB = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
   auto dC = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
   auto dbias = torch::empty({s.B, s.K, s.D}, u.options());
+  auto dD = Dskip.numel() ? torch::empty({s.B, s.K, s.D}, u.options()) : torch::empty({0}, u.options());
   auto dh0 = h0.numel() ? torch::empty_like(h0) : torch::Tensor();
   const int64_t part = s.B * s.L * s.K * s.G * s.N;
   at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -802,15 +821,16 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
     const int64_t slot = thread_slot(threads);
     for (int64_t task = begin; task < end; ++task)
       for (int64_t k = 0; k < s.K; ++k) {
-        MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, index),
+        MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index),
                         dy.data_ptr<float>(), opt(dhT), du.data_ptr<float>(), ddelta.data_ptr<float>(),
                         dA.data_ptr<float>(), dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part,
-                        dbias.data_ptr<float>(), h0.numel() ? dh0.data_ptr<float>() : nullptr};
+                        dbias.data_ptr<float>(), h0.numel() ? dh0.data_ptr<float>() : nullptr,
+                        Dskip.numel() ? dD.data_ptr<float>() : nullptr, splat(0.0f)};
         backward_any(lay, s.N, softplus, st,
                      marks.numel() ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
   });
-  return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dbias, dh0};
+  return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dbias, dh0, dD};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -910,10 +930,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The checkpoint arguments are optional so callers without them keep working (the map layout's old signature).
   m.def("forward", &multi_forward, "fused multi-direction selective scan, map layout (forward)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("Bm"), py::arg("Cm"), py::arg("bias"), py::arg("h0"), py::arg("index"),
-        py::arg("softplus"), py::arg("keep_marks") = false);
+        py::arg("softplus"), py::arg("keep_marks") = false, py::arg("D") = torch::empty({0}));
   m.def("backward", &multi_backward, "fused multi-direction selective scan, map layout (backward)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("Bm"), py::arg("Cm"), py::arg("bias"), py::arg("h0"), py::arg("index"),
-        py::arg("softplus"), py::arg("dy"), py::arg("dhT"), py::arg("marks") = torch::empty({0}));
+        py::arg("softplus"), py::arg("dy"), py::arg("dhT"), py::arg("marks") = torch::empty({0}),
+        py::arg("D") = torch::empty({0}));
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
   m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
   m.attr("lanes") = W;

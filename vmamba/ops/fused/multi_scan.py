@@ -64,16 +64,18 @@ def multi_checkpoints_shape(delta: Tensor, A: Tensor) -> tuple[int, int, int, in
 @torch.library.custom_op("vmamba::multi_scan", mutates_args=())
 def _multi_scan_op(
     u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, bias: Tensor | None, h0: Tensor | None,
-    index: Tensor, softplus: bool, keep_checkpoints: bool,
+    index: Tensor, softplus: bool, keep_checkpoints: bool, D: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``y (B, L, D)``, ``last (B, K, N, D)`` and the backward's checkpoints (empty without
     ``keep_checkpoints``)."""
-    y, last, marks = load().forward(u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, keep_checkpoints)
+    y, last, marks = load().forward(
+        u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, keep_checkpoints, _opt(D)
+    )
     return y, last, marks
 
 
 @_multi_scan_op.register_fake
-def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints):
+def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints, D=None):
     batch, length, _, dim = u.shape
     marks = multi_checkpoints_shape(delta, A) if keep_checkpoints else (0,)
     return (
@@ -87,12 +89,13 @@ def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints):
 def _multi_scan_backward_op(
     dy: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor,
     bias: Tensor | None, h0: Tensor | None, index: Tensor, softplus: bool, checkpoints: Tensor | None = None,
+    D: Tensor | None = None,
 ) -> list[Tensor]:
-    """Gradients ``[u, delta, A, B, C, bias, h0]`` (empty tensors for absent inputs). ``checkpoints`` from
-    the forward save the kernel a forward sweep; without them it recomputes the states."""
-    du, ddelta, dA_part, dB, dC, dbias_part, dh0 = load().backward(
+    """Gradients ``[u, delta, A, B, C, bias, h0, D]`` (empty tensors for absent inputs). ``checkpoints``
+    from the forward save the kernel a forward sweep; without them it recomputes the states."""
+    du, ddelta, dA_part, dB, dC, dbias_part, dh0, dD_part = load().backward(
         u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, dy.contiguous().float(),
-        _EMPTY if dlast is None else dlast.contiguous().float(), _opt(checkpoints),
+        _EMPTY if dlast is None else dlast.contiguous().float(), _opt(checkpoints), _opt(D),
     )
     # Shared parameters come back per batch item: sum them here.
     return [
@@ -103,30 +106,33 @@ def _multi_scan_backward_op(
         dC,
         dbias_part.sum(0) if bias is not None else u.new_empty(0),
         dh0 if h0 is not None else u.new_empty(0),
+        dD_part.sum(0) if D is not None else u.new_empty(0),
     ]
 
 
 @_multi_scan_backward_op.register_fake
-def _(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus, checkpoints=None):
-    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, Bm, Cm, bias, h0)]
+def _(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus, checkpoints=None, D=None):
+    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, Bm, Cm, bias, h0, D)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, Bm, Cm, bias, h0, index, softplus, _ = inputs
+    u, delta, A, Bm, Cm, bias, h0, index, softplus, _, D = inputs
     marks = output[2]
-    ctx.save_for_backward(u, delta, A, Bm, Cm, bias, h0, index, marks if marks.numel() else None)
+    ctx.save_for_backward(u, delta, A, Bm, Cm, bias, h0, index, marks if marks.numel() else None, D)
     ctx.softplus = softplus
 
 
 def _backward(ctx, dy: Tensor | None, dlast: Tensor | None, _dmarks: Tensor | None):
-    u, delta, A, Bm, Cm, bias, h0, index, marks = ctx.saved_tensors
+    u, delta, A, Bm, Cm, bias, h0, index, marks, D = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape[0], u.shape[1], u.shape[3])
     grads = torch.ops.vmamba.multi_scan_backward(
-        dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus, marks
+        dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus, marks, D
     )
+    du, ddelta, dA, dB, dC, dbias, dh0, dD = grads
     present = (u, delta, A, Bm, Cm, bias, h0)
-    return (*(g if t is not None else None for g, t in zip(grads, present)), None, None, None)
+    grads_in = tuple(g if t is not None else None for g, t in zip((du, ddelta, dA, dB, dC, dbias, dh0), present))
+    return (*grads_in, None, None, None, dD if D is not None else None)
 
 
 _multi_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,6 +160,7 @@ def fused_multi_scan(
     delta_bias: Tensor | None = None,
     initial_state: Tensor | None = None,
     delta_softplus: bool = True,
+    D: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Selective scans of one map along K directions, merged by summation, in one fused pass.
 
@@ -168,9 +175,10 @@ def fused_multi_scan(
         index: ``(K, L)`` row order of each direction: each row a permutation of ``0 .. L-1``.
         delta_bias: ``(K, D)`` added to ``delta`` before the softplus.
         initial_state: ``(B, K, N, D)``.
+        D: ``(K, D)`` D skip per direction: adds ``D[k] * u`` (``u[:, :, k]`` with one input per direction).
 
     Returns:
-        ``y (B, L, D)``: ``sum_k <C, h>`` per row (no D skip, no gate), and ``last_state (B, K, N, D)``.
+        ``y (B, L, D)``: ``sum_k <C, h> (+ D[k] u)`` per row (no gate), and ``last_state (B, K, N, D)``.
     """
     if u.dim() == 3:
         u = u.unsqueeze(2)
@@ -203,11 +211,11 @@ def fused_multi_scan(
             return prep(t)
         return t
 
-    tensors = (u, delta, A, B, C, delta_bias, initial_state)
+    tensors = (u, delta, A, B, C, delta_bias, initial_state, D)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, last, _ = torch.ops.vmamba.multi_scan(
         prep(u), prep_delta(delta), prep(A), B.float().contiguous(), C.float().contiguous(), prep(delta_bias),
-        prep(initial_state), index.to(torch.int64).contiguous(), bool(delta_softplus), keep,
+        prep(initial_state), index.to(torch.int64).contiguous(), bool(delta_softplus), keep, prep(D),
     )
     if pad:
         unpad = lambda t: t.unflatten(-1, (groups, per_group + pad))[..., :per_group].flatten(-2)  # noqa: E731
