@@ -243,15 +243,13 @@ class VimBlock(nn.Module):
         a = -torch.exp(mixer.A_logs.float()).view(k, e, -1).transpose(1, 2)  # (K, S, E)
         chunks = -(-n * batch * e // _CHUNK_ELEMENTS)
         rows = max(_MIN_CHUNK_ROWS, -(-n // max(1, chunks)))
-        identity = [bool(torch.equal(order, torch.arange(n, device=order.device))) for order in orders]
-        # Direction 0 normally visits the stream in its own order (the official sequence) and writes y.
-        y = (x.new_empty if identity[0] else x.new_zeros)(batch, n, e, dtype=torch.float32)
+        y = None
         for axis in range(half):
-            order = None if identity[axis] else orders[axis]
+            identity = bool(torch.equal(orders[axis], torch.arange(n, device=orders.device)))
+            order = None if identity else orders[axis]
             seq = x if order is None else x[:, order]  # (B, N, E) in this direction's order
             for kk in (axis, axis + half):
-                accumulate = kk > 0 or not identity[0]
-                self._scan_direction(seq, kk, kk >= half, a, rows, y, order, accumulate)
+                y = self._scan_direction(seq, kk, kk >= half, a, rows, y, order)
         del x
         grad = torch.is_grad_enabled()
         z = F.silu(F.linear(h, w_z, b_z), inplace=not grad)
@@ -267,13 +265,13 @@ class VimBlock(nn.Module):
         reverse: bool,
         a: Tensor,
         rows: int,
-        y: Tensor,
+        y: Tensor | None,
         order: Tensor | None,
-        accumulate: bool,
-    ) -> None:
-        """Scan direction ``kk`` over ``seq (B, N, E)`` (its forward twin's order; backwards if ``reverse``),
-        adding (or, unless ``accumulate``, writing) ``<C, h> + D u`` into ``y (B, N, E)`` at the stream rows
-        ``order`` (identity if ``None``)."""
+    ) -> Tensor:
+        """Scan direction ``kk`` over ``seq (B, N, E)`` (its forward twin's order; backwards if ``reverse``)
+        and add ``<C, h> + D u`` (the D skip fused in the kernel) into ``y (B, N, E)`` float32 at the stream
+        rows ``order`` (identity if ``None``); returns ``y``, a new tensor when ``y`` is ``None`` (the scan's
+        own output when one call covers the whole stream in its own order)."""
         op, mixer = self.op, self.op.mixer
         batch, n, e = seq.shape
         width = op.conv.kernel_size[0]
@@ -284,7 +282,7 @@ class VimBlock(nn.Module):
         conv_w = conv_w.contiguous()  # contiguous taps: a strided weight slows the reference's addcmul four-fold
         rank, d_state = mixer.dt_rank, mixer.d_state
         x_proj, dt_proj = mixer.x_proj_weight[kk], mixer.dt_projs_weight[kk]
-        dt_bias, d_skip = mixer.dt_projs_bias[kk : kk + 1].float(), mixer.Ds.view(-1, e)[kk]
+        dt_bias, d_skip = mixer.dt_projs_bias[kk : kk + 1].float(), mixer.Ds.view(-1, e)[kk : kk + 1].float()
         starts = list(range(0, n, rows))
         state = None
         # the conv reads w - 1 rows of history before the chunk (after it when reversed)
@@ -300,17 +298,19 @@ class VimBlock(nn.Module):
             y_c, state = fused_multi_scan(
                 u.unsqueeze(2), delta.unsqueeze(2), a[kk : kk + 1], b_in[:, :, None, None], c_out[:, :, None, None],
                 (index.flip(0) if reverse else index).unsqueeze(0), delta_bias=dt_bias, initial_state=state,
+                D=d_skip,
             )
-            if not accumulate and order is None and not torch.is_grad_enabled():
-                torch.addcmul(y_c, u.float(), d_skip.float(), out=y[:, start:stop])
+            if y is None and c == n and order is None:
+                y = y_c
+            elif y is None:
+                y = y_c.new_zeros(batch, n, e)
+            if y is y_c:
                 continue
-            y_c = torch.addcmul(y_c, u.float(), d_skip.float())
-            if not accumulate:  # only ever with order None (see mix_fused)
-                y[:, start:stop] = y_c
-            elif order is None:
+            if order is None:
                 y[:, start:stop] += y_c
             else:
                 y.index_add_(1, order[start:stop], y_c)
+        return y
 
 
 @functools.lru_cache(maxsize=64)
