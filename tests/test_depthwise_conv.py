@@ -52,9 +52,24 @@ def test_fused_matches_reference(batch, n, e, width, start, stop, offset, with_b
     g = torch.Generator().manual_seed(n * 100 + e + 1)
     x, taps = torch.randn(batch, n, e, generator=g), torch.randn(width, e, generator=g)
     bias = torch.randn(e, generator=g) if with_bias else None
-    out = fused_conv_silu(x, taps, bias, start, stop, offset)
+    out = fused_conv_silu(x, taps[None], None if bias is None else bias[None], start, stop, [offset])[:, :, 0]
     assert out.shape == (batch, stop - start, e)
     torch.testing.assert_close(out, depthwise_conv1d_silu_ref(x, taps, bias, start, stop, offset), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_several_directions_at_once(grad):
+    """taps (K, w, E) with one offset each: the interleaved (B, rows, K, E) output equals K separate convs
+    (fused kernel without grad, the reference with it)."""
+    x, taps, bias = torch.randn(2, 23, 40), torch.randn(3, 4, 40), torch.randn(3, 40)
+    offsets = [-3, 0, 2]
+    with torch.set_grad_enabled(grad):
+        x.requires_grad_(grad)
+        out = depthwise_conv1d_silu(x, taps, bias, 4, 19, offsets)
+    assert out.shape == (2, 15, 3, 40)
+    for k in range(3):
+        torch.testing.assert_close(out[:, :, k], _conv1d_silu(x.detach(), taps[k], bias[k], 4, 19, offsets[k]),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_flow_through_the_reference_path():
@@ -90,9 +105,15 @@ def test_default_rows_and_offset_are_the_causal_conv():
         (((2, 10, 8), (4, 8), (5,)), (0, 10), "do not match"),
         (((2, 10, 8), (4, 8), None), (3, 11), "not inside"),
         (((2, 10, 8), (4, 8), None), (5, 4), "not inside"),
+        (((2, 10, 8), (2, 4, 8), (8,)), (0, 10), "do not match"),
     ],
 )
 def test_bad_input(shapes, rows, message):
     x, taps, bias = (None if s is None else torch.randn(*s) for s in shapes)
     with pytest.raises(ValueError, match=message):
         depthwise_conv1d_silu(x, taps, bias, *rows)
+
+
+def test_one_offset_per_direction():
+    with pytest.raises(ValueError, match="one per direction"):
+        depthwise_conv1d_silu(torch.randn(1, 6, 8), torch.randn(2, 4, 8), None, 0, 6, [0, 1, 2])

@@ -15,7 +15,7 @@ from ..ops.cross2d_scan import cross2d_selective_scan
 from ..ops.fused import ScanBackend, fused_multi_scan, scan_backend, use_fused
 from .base import MixerType, SequenceMixer, register_mixer
 
-__all__ = ["MambaMixer", "MapPath"]
+__all__ = ["MambaMixer", "MapPath", "dt_projection"]
 
 
 class MapPath(str, Enum):
@@ -41,7 +41,7 @@ def _direction_index(spatial: tuple[int, ...], pattern: ScanPattern) -> Tensor:
     return cross_scan(order, pattern)[0, :, :, 0].round().long()
 
 
-def _dt_projection(dts: Tensor, weight: Tensor) -> Tensor:
+def dt_projection(dts: Tensor, weight: Tensor) -> Tensor:
     """Per-direction dt up-projection, in the layout the fused kernel reads.
 
     Args:
@@ -186,7 +186,7 @@ class MambaMixer(SequenceMixer):
         u = x.reshape(x.shape[0], -1, c)  # (B, L, C) map rows
         x_dbl = F.linear(u, self.x_proj_weight.reshape(k * (r + 2 * n), c)).unflatten(-1, (k, r + 2 * n))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=-1)  # (B, L, K, *)
-        delta = _dt_projection(dts, self.dt_projs_weight)  # (B, L, K, C)
+        delta = dt_projection(dts, self.dt_projs_weight)  # (B, L, K, C)
         y, _ = fused_multi_scan(
             u, delta, A.transpose(1, 2), Bs.unsqueeze(3), Cs.unsqueeze(3), _direction_index(spatial, pattern),
             delta_bias=self.dt_projs_bias, delta_softplus=True,

@@ -3,13 +3,17 @@ Mamba scan, computed for a range of output rows (a chunk of a long sequence) wit
 
 ``out[:, i] = silu(bias + sum_j taps[j] * x[:, start + i + offset + j])`` for ``i < stop - start``, with
 ``x`` zero outside its rows. ``offset = -(w - 1)`` is Mamba's causal conv; ``offset = 0`` with flipped taps
-is the causal conv of the reversed sequence, written in forward order.
+is the causal conv of the reversed sequence, written in forward order. Several directions at once (taps
+``(K, w, E)``, one offset each) read the input once and give the interleaved ``(B, rows, K, E)`` layout that
+the multi-direction scan takes as one input per direction.
 
 Inference in float32 runs the fused C++ kernel (:mod:`vmamba.ops.fused.conv_silu`) when it is available; the
 pure-PyTorch form (:func:`depthwise_conv1d_silu_ref`, ``w`` multiply-adds over the chunk) is the reference,
 the training path (autograd) and the fallback.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,20 +24,18 @@ from .fused.conv_silu import fused_conv_silu, fused_conv_silu_applies
 __all__ = ["depthwise_conv1d_silu", "depthwise_conv1d_silu_ref"]
 
 
-def _check(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int) -> None:
-    if x.dim() != 3 or taps.dim() != 2:
-        raise ValueError(f"expected x (B, N, E) and taps (w, E), got {tuple(x.shape)} and {tuple(taps.shape)}")
-    if taps.shape[1] != x.shape[2] or (bias is not None and bias.shape != (x.shape[2],)):
+def _check(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offsets: Sequence[int]) -> None:
+    if x.dim() != 3 or taps.dim() not in (2, 3):
+        raise ValueError(f"expected x (B, N, E) and taps (w, E) or (K, w, E), got {tuple(x.shape)} and {tuple(taps.shape)}")
+    if taps.shape[-1] != x.shape[2] or (bias is not None and bias.shape != (*taps.shape[:-2], x.shape[2])):
         raise ValueError(f"taps {tuple(taps.shape)} / bias do not match the {x.shape[2]} channels of x")
+    if len(offsets) != (taps.shape[0] if taps.dim() == 3 else 1):
+        raise ValueError(f"{len(offsets)} offsets for taps of shape {tuple(taps.shape)}: give one per direction")
     if not 0 <= start <= stop <= x.shape[1]:
         raise ValueError(f"output rows [{start}, {stop}) are not inside the {x.shape[1]} rows of x")
 
 
-def depthwise_conv1d_silu_ref(
-    x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int
-) -> Tensor:
-    """Pure-PyTorch form of :func:`depthwise_conv1d_silu` (differentiable, any dtype)."""
-    _check(x, taps, bias, start, stop)
+def _one_direction(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int) -> Tensor:
     n, width, rows = x.shape[1], taps.shape[0], stop - start
     lo, hi = start + offset, stop + offset + width - 1  # input rows the windows cover: [lo, hi)
     a, b = min(max(lo, 0), n), min(max(hi, 0), n)  # rows [a, b) of x exist; the rest are zeros
@@ -47,16 +49,53 @@ def depthwise_conv1d_silu_ref(
     return F.silu(acc)
 
 
-def depthwise_conv1d_silu(
-    x: Tensor, taps: Tensor, bias: Tensor | None = None, start: int = 0, stop: int | None = None, offset: int | None = None
-) -> Tensor:
-    """``x: (B, N, E)``, ``taps: (w, E)``, ``bias: (E,)`` -> ``(B, stop - start, E)`` (module docstring).
+def _offsets(taps: Tensor, offset: int | Sequence[int] | None) -> list[int]:
+    if offset is None:
+        offset = -(taps.shape[-2] - 1)
+    if isinstance(offset, int):
+        return [offset] * (taps.shape[0] if taps.dim() == 3 else 1)
+    return [int(o) for o in offset]
 
-    ``stop`` defaults to ``N`` and ``offset`` to ``-(w - 1)`` (causal).
+
+def depthwise_conv1d_silu_ref(
+    x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int | Sequence[int]
+) -> Tensor:
+    """Pure-PyTorch form of :func:`depthwise_conv1d_silu` (differentiable, any dtype)."""
+    offsets = _offsets(taps, offset)
+    _check(x, taps, bias, start, stop, offsets)
+    if taps.dim() == 2:
+        return _one_direction(x, taps, bias, start, stop, offsets[0])
+    outs = [
+        _one_direction(x, taps[k], None if bias is None else bias[k], start, stop, offsets[k])
+        for k in range(taps.shape[0])
+    ]
+    return torch.stack(outs, dim=2)
+
+
+def depthwise_conv1d_silu(
+    x: Tensor,
+    taps: Tensor,
+    bias: Tensor | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    offset: int | Sequence[int] | None = None,
+) -> Tensor:
+    """``x: (B, N, E)``, ``taps: (w, E)``, ``bias: (E,)`` -> ``(B, stop - start, E)``; or K directions:
+    ``taps: (K, w, E)``, ``bias: (K, E)``, ``offset``: one int each (or one for all) -> ``(B, stop - start,
+    K, E)`` (module docstring). ``stop`` defaults to ``N`` and ``offset`` to ``-(w - 1)`` (causal).
+
+    Raises:
+        ValueError: x / taps / bias shapes that do not match, an offset count that is not K, output rows
+            outside ``[0, N]``.
     """
     stop = x.shape[1] if stop is None else stop
-    offset = -(taps.shape[0] - 1) if offset is None else offset
-    _check(x, taps, bias, start, stop)
+    offsets = _offsets(taps, offset)
+    _check(x, taps, bias, start, stop, offsets)
     if fused_conv_silu_applies(x, taps, bias):
-        return fused_conv_silu(x, taps, bias, start, stop, offset)
-    return depthwise_conv1d_silu_ref(x, taps, bias, start, stop, offset)
+        stacked = taps.dim() == 3
+        out = fused_conv_silu(
+            x, taps if stacked else taps.unsqueeze(0), bias if stacked or bias is None else bias.unsqueeze(0),
+            start, stop, offsets,
+        )
+        return out if stacked else out.squeeze(2)
+    return depthwise_conv1d_silu_ref(x, taps, bias, start, stop, offsets)

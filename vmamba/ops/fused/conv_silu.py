@@ -6,6 +6,8 @@ custom op. The public op with its pure-PyTorch reference is :func:`vmamba.ops.de
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -28,18 +30,21 @@ def fused_conv_silu_applies(x: Tensor, taps: Tensor, bias: Tensor | None) -> boo
 
 
 @torch.library.custom_op("vmamba::conv_silu", mutates_args=())
-def _conv_silu_op(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int) -> Tensor:
+def _conv_silu_op(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offsets: list[int]) -> Tensor:
     return load(FusedKernel.CONV_SILU).forward(
-        x.contiguous(), taps.contiguous(), _EMPTY if bias is None else bias.contiguous(), start, stop, offset
+        x.contiguous(), taps.contiguous(), _EMPTY if bias is None else bias.contiguous(), start, stop,
+        torch.tensor(offsets, dtype=torch.int64),
     )
 
 
 @_conv_silu_op.register_fake
-def _(x, taps, bias, start, stop, offset):
-    return x.new_empty(x.shape[0], stop - start, x.shape[2])
+def _(x, taps, bias, start, stop, offsets):
+    return x.new_empty(x.shape[0], stop - start, taps.shape[0], x.shape[2])
 
 
-def fused_conv_silu(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offset: int) -> Tensor:
-    """``x: (B, N, E)``, ``taps: (w, E)``, ``bias: (E,)`` float32 -> ``(B, stop - start, E)`` (see
-    :func:`vmamba.ops.depthwise_conv1d_silu` for the formula)."""
-    return _conv_silu_op(x, taps, bias, int(start), int(stop), int(offset))
+def fused_conv_silu(
+    x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offsets: Sequence[int]
+) -> Tensor:
+    """``x: (B, N, E)``, ``taps: (K, w, E)``, ``bias: (K, E)`` float32, ``offsets``: K ints ->
+    ``(B, stop - start, K, E)`` (see :func:`vmamba.ops.depthwise_conv1d_silu` for the formula)."""
+    return _conv_silu_op(x, taps, bias, int(start), int(stop), [int(o) for o in offsets])
