@@ -189,13 +189,8 @@ class MambaMixer(SequenceMixer):
         delta = dt_projection(dts, self.dt_projs_weight)  # (B, L, K, C)
         y, _ = fused_multi_scan(
             u, delta, A.transpose(1, 2), Bs.unsqueeze(3), Cs.unsqueeze(3), _direction_index(spatial, pattern),
-            delta_bias=self.dt_projs_bias, delta_softplus=True,
-        )
-        d_skip = self.Ds.view(k, c).sum(0)
-        if torch.is_grad_enabled() and (u.requires_grad or d_skip.requires_grad):
-            y = y + u * d_skip
-        else:
-            y.addcmul_(u, d_skip)  # y is the kernel's fresh output
+            delta_bias=self.dt_projs_bias, delta_softplus=True, D=self.Ds.view(k, c),
+        )  # the D skips (sum over directions of D_k u) are added inside the kernel
         return y.to(x.dtype).view(x.shape)
 
     def mixing_matrix(self, x: Tensor) -> Tensor:
