@@ -376,6 +376,11 @@ struct MapLayout {
       if (N == 1) {  // d_state 1 (VMamba v2): a scalar copy, not a library memcpy call per step
         st.Bt[t] = Bm[bc_at(r)];
         st.Ct[t] = Cm[bc_at(r)];
+      } else if (N % W == 0) {  // d_state 16 (Mamba / Vim): whole vectors, not a memcpy call per step
+        for (int64_t n = 0; n < N; n += W) {
+          storev(st.Bt.data() + t * N + n, loadv(Bm + bc_at(r) + n));
+          storev(st.Ct.data() + t * N + n, loadv(Cm + bc_at(r) + n));
+        }
       } else {
         std::memcpy(st.Bt.data() + t * N, Bm + bc_at(r), N * sizeof(float));
         std::memcpy(st.Ct.data() + t * N, Cm + bc_at(r), N * sizeof(float));
