@@ -244,15 +244,16 @@ class VimBlock(nn.Module):
         a = -torch.exp(mixer.A_logs.float()).view(k, e, -1).transpose(1, 2)  # (K, S, E)
         chunks = -(-n * batch * e // _CHUNK_ELEMENTS)
         rows = max(_MIN_CHUNK_ROWS, -(-n // max(1, chunks)))
-        y = None
         if op.pattern is ScanPattern.BI1D and rows >= n:  # the whole stream in one call
             y = self._scan_pair(x, a)
-        for axis in range(half if y is None else 0):
-            identity = bool(torch.equal(orders[axis], torch.arange(n, device=orders.device)))
-            order = None if identity else orders[axis]
-            seq = x if order is None else x[:, order]  # (B, N, E) in this direction's order
-            for kk in (axis, axis + half):
-                y = self._scan_direction(seq, kk, kk >= half, a, rows, y, order)
+        else:
+            y = None
+            for axis in range(half):
+                identity = bool(torch.equal(orders[axis], torch.arange(n, device=orders.device)))
+                order = None if identity else orders[axis]
+                seq = x if order is None else x[:, order]  # (B, N, E) in this direction's order
+                for kk in (axis, axis + half):
+                    y = self._scan_direction(seq, kk, kk >= half, a, rows, y, order)
         del x
         grad = torch.is_grad_enabled()
         z = F.silu(F.linear(h, w_z, b_z), inplace=not grad)
@@ -325,12 +326,11 @@ class VimBlock(nn.Module):
                 (index.flip(0) if reverse else index).unsqueeze(0), delta_bias=dt_bias, initial_state=state,
                 D=d_skip,
             )
-            if y is None and c == n and order is None:
-                y = y_c
-            elif y is None:
+            if y is None:
+                if c == n and order is None:  # one call covered the whole stream in its own order
+                    y = y_c
+                    continue
                 y = y_c.new_zeros(batch, n, e)
-            if y is y_c:
-                continue
             if order is None:
                 y[:, start:stop] += y_c
             else:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .loader import FusedKernel, load, use_fused
+from .loader import FusedKernel, load, use_fused_inference
 
 __all__ = ["fused_conv_silu", "fused_conv_silu_applies"]
 
@@ -21,12 +21,7 @@ _EMPTY = torch.empty(0)
 def fused_conv_silu_applies(x: Tensor, taps: Tensor, bias: Tensor | None) -> bool:
     """True when no input needs a gradient (the kernel has no backward), every tensor is a CPU float32 tensor
     (other dtypes keep their own arithmetic on the PyTorch path) and the fused backend is active."""
-    present = [t for t in (x, taps, bias) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    if any(t.dtype != torch.float32 for t in present):
-        return False
-    return use_fused(*present, kernel=FusedKernel.CONV_SILU)
+    return use_fused_inference(x, taps, bias, kernel=FusedKernel.CONV_SILU, dtypes=(torch.float32,))
 
 
 @torch.library.custom_op("vmamba::conv_silu", mutates_args=())

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..flops import register_macs
-from .loader import FusedKernel, load, use_fused
+from .loader import FusedKernel, load, use_fused_inference
 
 __all__ = ["fused_recurrence", "fused_recurrence_applies", "recurrence_macs"]
 
@@ -38,12 +38,9 @@ def fused_recurrence_applies(*tensors: Tensor | None) -> bool:
     backend is active (``VMAMBA_SCAN_BACKEND`` / :func:`~vmamba.ops.fused.forced_scan_backend`: ``auto`` and the
     kernel builds, or ``fused``, which raises when it cannot be built).
     """
-    present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    if any(t.dtype == torch.float64 for t in present):
-        return False
-    return use_fused(*present, kernel=FusedKernel.RECURRENCE)
+    return use_fused_inference(
+        *tensors, kernel=FusedKernel.RECURRENCE, dtypes=(torch.float32, torch.float16, torch.bfloat16)
+    )
 
 
 @torch.library.custom_op("vmamba::linear_recurrence", mutates_args=())
