@@ -299,7 +299,7 @@ def test_fused_multi_backward_with_and_without_forward_checkpoints(spatial, d_st
     assert no_marks.numel() == 0
     from vmamba.ops.fused.multi_scan import multi_checkpoints_shape
 
-    assert tuple(marks.shape) == multi_checkpoints_shape(x["delta"], x["A"])
+    assert tuple(marks.shape) == multi_checkpoints_shape(x["u"], x["delta"], x["A"])
     torch.testing.assert_close(y, y_plain, rtol=0, atol=0)
     torch.testing.assert_close(last, last_plain, rtol=0, atol=0)
     dy, dlast = torch.randn_like(y), torch.randn_like(last)
@@ -312,6 +312,40 @@ def test_fused_multi_backward_with_and_without_forward_checkpoints(spatial, d_st
     torch.testing.assert_close(dbias.sum(0), with_marks[1].sum((0, 1)), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="checkpoints"):
         ext.backward(*args, True, dy, dlast, marks[:1])
+
+
+def _assert_close_with_grads(outs_fused, outs_ref, leaves_fused, leaves_ref):
+    """Outputs within 1e-5, and the gradients of every leaf (by name) of one random weighting of them, each
+    relative to the reference gradient's largest entry."""
+    for a, b in zip(outs_fused, outs_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    weights = [torch.randn_like(b) for b in outs_ref]
+    loss = lambda outs: sum((o * w).sum() for o, w in zip(outs, weights))  # noqa: E731
+    grads_f = torch.autograd.grad(loss(outs_fused), list(leaves_fused.values()))
+    grads_r = torch.autograd.grad(loss(outs_ref), list(leaves_ref.values()))
+    for name, gf, gr in zip(leaves_ref, grads_f, grads_r):
+        scale = gr.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(gf / scale, gr / scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _map_scan_reference(u, delta, A, Bm, Cm, index, bias, h0, D=None):
+    """The map-layout scan from per-direction loop scans (:func:`selective_scan_ref`) merged by summation:
+    ``u (B, L, D)`` or ``(B, L, K, D)``, ``delta (B, L, K, D)``, ``A (K, N, D)``, ``Bm, Cm (B, L, K, G, N)``,
+    ``bias (K, D)``, ``h0 (B, K, N, D)``, ``D (K, D)`` -> ``y (B, L, D)``, ``last (B, K, N, D)``."""
+    batch, length, k, dim = delta.shape
+    groups, d_state = Bm.shape[3:]
+    u_dir = u if u.dim() == 4 else u.unsqueeze(2).expand(-1, -1, k, -1)
+    seq = lambda t: torch.stack([t[:, index[j], j] for j in range(k)], 1)  # noqa: E731  (B, K, L, ...) scan order
+    to_bdl = lambda t: t.permute(0, 1, 3, 2).reshape(batch, k * dim, length)  # noqa: E731
+    to_groups = lambda t: t.permute(0, 1, 3, 4, 2).reshape(batch, k * groups, d_state, length)  # noqa: E731
+    out, last = selective_scan_ref(
+        to_bdl(seq(u_dir)), to_bdl(seq(delta)), A.transpose(1, 2).reshape(k * dim, d_state), to_groups(seq(Bm)),
+        to_groups(seq(Cm)), D=None if D is None else D.reshape(-1), delta_bias=bias.reshape(-1), delta_softplus=True,
+        return_last_state=True, initial_state=h0.transpose(2, 3).reshape(batch, k * dim, d_state),
+    )
+    out = out.view(batch, k, dim, length).transpose(2, 3)  # (B, K, L, D) in scan order
+    y = torch.zeros(batch, length, dim, dtype=out.dtype).index_add(1, index.reshape(-1), out.reshape(batch, k * length, dim))
+    return y, last.view(batch, k, dim, d_state).transpose(2, 3)
 
 
 @pytest.mark.parametrize("spatial, d_state", [((5, 7), 1), ((3, 4), 16), ((1, 1), 2)])
@@ -333,27 +367,8 @@ def test_fused_multi_scan_gradients_with_initial_state_and_last_state(spatial, d
     y_f, last_f = fused.fused_multi_scan(
         fus["u"], fus["delta"], fus["A"], fus["B"], fus["C"], index, delta_bias=fus["bias"], initial_state=fus["h0"]
     )
-    u_seq = torch.stack([ref["u"][:, index[j]] for j in range(k)], 1)  # (B, K, L, C)
-    delta_seq = torch.stack([ref["delta"][:, index[j], j] for j in range(k)], 1)
-    B_seq = torch.stack([ref["B"][:, index[j], j, 0] for j in range(k)], 1)  # (B, K, L, N)
-    C_seq = torch.stack([ref["C"][:, index[j], j, 0] for j in range(k)], 1)
-    out, last = selective_scan_ref(
-        u_seq.transpose(2, 3).reshape(batch, k * dim, length), delta_seq.transpose(2, 3).reshape(batch, k * dim, length),
-        ref["A"].transpose(1, 2).reshape(k * dim, d_state), B_seq.transpose(2, 3), C_seq.transpose(2, 3),
-        delta_bias=ref["bias"].reshape(-1), delta_softplus=True, return_last_state=True,
-        initial_state=ref["h0"].transpose(2, 3).reshape(batch, k * dim, d_state),
-    )
-    out = out.view(batch, k, dim, length).transpose(2, 3)  # (B, K, L, C) in scan order
-    y_r = torch.zeros(batch, length, dim).index_add(1, index.reshape(-1), out.reshape(batch, k * length, dim))
-    last_r = last.view(batch, k, dim, d_state).transpose(2, 3)
-    torch.testing.assert_close(y_f, y_r, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last_f, last_r, rtol=1e-5, atol=1e-5)
-    w, w_last = torch.randn_like(y_r), torch.randn_like(last_r)
-    grads_f = torch.autograd.grad((y_f * w).sum() + (last_f * w_last).sum(), list(fus.values()))
-    grads_r = torch.autograd.grad((y_r * w).sum() + (last_r * w_last).sum(), list(ref.values()))
-    for name, gf, gr in zip(leaves, grads_f, grads_r):
-        scale = gr.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(gf / scale, gr / scale, rtol=1e-5, atol=1e-5, msg=name)
+    y_r, last_r = _map_scan_reference(ref["u"], ref["delta"], ref["A"], ref["B"], ref["C"], index, ref["bias"], ref["h0"])
+    _assert_close_with_grads((y_f, last_f), (y_r, last_r), fus, ref)
 
 
 def test_fused_multi_scan_op_registration():
@@ -455,3 +470,86 @@ def test_fused_d_skip_equals_adding_it_afterwards(per_direction_u, d_state, dim,
     with torch.no_grad():  # the inference call (no checkpoints) gives the same numbers
         y_nograd, _ = fused.fused_multi_scan(**inputs, index=index)
     torch.testing.assert_close(y_nograd, y.detach())
+
+
+def _low_rank_case(batch, spatial, dim, rank, d_state, groups, per_direction_u, seed=0):
+    """Leaves of a map-layout scan whose delta is low rank: ``x_dbl`` (B, L, K, R + 2 G N) holds the rows,
+    B and C (as VMamba's x_proj output does, so the rows are a strided slice), ``dt_weight`` (K, D, R)."""
+    g = torch.Generator().manual_seed(seed)
+    index = scan_indices(spatial, "cross2d")
+    k, length = index.shape
+    u_shape = (batch, length, k, dim) if per_direction_u else (batch, length, dim)
+    leaves = dict(
+        u=torch.randn(*u_shape, generator=g), x_dbl=torch.randn(batch, length, k, rank + 2 * groups * d_state, generator=g),
+        dt_weight=torch.randn(k, dim, rank, generator=g) / rank**0.5, A=-torch.rand(k, d_state, dim, generator=g) - 0.1,
+        bias=torch.randn(k, dim, generator=g), D=torch.randn(k, dim, generator=g),
+        h0=torch.randn(batch, k, d_state, dim, generator=g),
+    )
+    return index, {n: t.requires_grad_() for n, t in leaves.items()}
+
+
+def _split_x_dbl(x_dbl, rank, d_state, groups):
+    rows, Bm, Cm = torch.split(x_dbl, [rank, groups * d_state, groups * d_state], dim=-1)
+    return rows, Bm.unflatten(-1, (groups, d_state)), Cm.unflatten(-1, (groups, d_state))
+
+
+@pytest.mark.parametrize(
+    "spatial, dim, rank, d_state, groups, per_direction_u",
+    [((5, 7), 32, 3, 1, 1, False), ((1, 1), 16, 1, 1, 1, False), ((9, 4), 24, 5, 1, 1, False),
+     ((3, 11), 40, 7, 16, 2, False), ((6, 6), 16, 24, 1, 1, True), ((2, 33), 48, 48, 2, 1, False)],
+)
+def test_fused_multi_scan_low_rank_delta_matches_the_loop_reference(spatial, dim, rank, d_state, groups,
+                                                                    per_direction_u):
+    """delta = dt_weight[k] @ rows computed inside the kernel (never materialised): outputs, last state and
+    the gradients of every input (the rows through the x_proj output they are a slice of, and dt_weight
+    included) match per-direction loop scans of the projected delta. Odd and single-step maps, non-square
+    maps, channels that are not a multiple of the SIMD width (padded), ranks below and above one SIMD
+    block, grouped B / C, one input per direction."""
+    batch = 2
+    index, leaves = _low_rank_case(batch, spatial, dim, rank, d_state, groups, per_direction_u)
+    k, length = index.shape
+    rows, Bm, Cm = _split_x_dbl(leaves["x_dbl"], rank, d_state, groups)
+    y_f, last_f = fused.fused_multi_scan(
+        leaves["u"], rows, leaves["A"], Bm, Cm, index, delta_bias=leaves["bias"], initial_state=leaves["h0"],
+        D=leaves["D"], dt_weight=leaves["dt_weight"],
+    )
+    delta = torch.einsum("blkr,kcr->blkc", rows, leaves["dt_weight"])  # (B, L, K, D)
+    y_r, last_r = _map_scan_reference(leaves["u"], delta, leaves["A"], Bm, Cm, index, leaves["bias"], leaves["h0"],
+                                      leaves["D"])
+    _assert_close_with_grads((y_f, last_f), (y_r, last_r), leaves, leaves)
+
+
+def test_fused_multi_scan_low_rank_checkpoints_and_op_registration():
+    """The low-rank backward gives the same gradients from the forward's checkpoints as from its own
+    forward sweep, and the op passes torch.library.opcheck (fake shapes, autograd registration)."""
+    ext = fused.loader.load()
+    index, leaves = _low_rank_case(2, (7, 9), ext.lanes, 4, 1, 1, False, seed=1)
+    x = {n: t.detach() for n, t in leaves.items()}
+    rows, Bm, Cm = _split_x_dbl(x["x_dbl"], 4, 1, 1)
+    weight = x["dt_weight"].transpose(1, 2).contiguous()  # the kernel's (K, R, D)
+    E = torch.empty(0)
+    args = [x["u"].unsqueeze(2), rows, x["A"], Bm.contiguous(), Cm.contiguous(), x["bias"], E, index]
+    y, last, marks = ext.forward(*args, True, True, E, weight)
+    dy, dlast = torch.randn_like(y), torch.randn_like(last)
+    with_marks = ext.backward(*args, True, dy, dlast, marks, E, weight)
+    without = ext.backward(*args, True, dy, dlast, E, E, weight)
+    assert with_marks[1].shape == rows.shape and with_marks[8].shape == (2, *weight.shape)
+    for a, b in zip(with_marks, without):
+        if a is not None:  # dh0 is undefined without an initial state
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    op_args = [x["u"].unsqueeze(2), rows.clone().requires_grad_(), x["A"], Bm.contiguous(), Cm.contiguous(),
+               x["bias"], None, index, True, True, None, weight.clone().requires_grad_()]
+    torch.library.opcheck(torch.ops.vmamba.multi_scan.default, op_args)
+
+
+def test_fused_multi_scan_low_rank_rejects_bad_weights_and_counts_the_projection():
+    index, leaves = _low_rank_case(1, (3, 4), 16, 2, 3, 1, False)
+    x = {n: t.detach() for n, t in leaves.items()}
+    rows, Bm, Cm = _split_x_dbl(x["x_dbl"], 2, 3, 1)
+    with pytest.raises(ValueError, match="dt_weight"):
+        fused.fused_multi_scan(x["u"], rows, x["A"], Bm, Cm, index, dt_weight=x["dt_weight"][..., :1])
+    from vmamba.ops.flops import count_flops
+
+    k, length = index.shape
+    flops = count_flops(lambda: fused.fused_multi_scan(x["u"], rows, x["A"], Bm, Cm, index, dt_weight=x["dt_weight"]))
+    assert flops == 2 * (9 * length * k * 16 * 3 + length * k * 16 * 2)  # the scan + the dt projection's MACs

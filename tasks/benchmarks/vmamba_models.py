@@ -1,7 +1,8 @@
 """VMamba-T against timm's Swin-T and ViT-S in one process: images/s (inference and training) and FLOPs.
 
 Inference: fp32, ``torch.no_grad``, eval mode, 224x224, batch 8. Training step: fp32, train mode, batch 8,
-forward + cross-entropy backward + AdamW step. Every model and scan path is timed side by side (interleaved
+forward + cross-entropy backward + AdamW step (torch's fused implementation for every model, as the training jobs
+use: :func:`tasks.common.optim.fused_kwargs`). Every model and scan path is timed side by side (interleaved
 repeats, medians) and printed as images/s and as ``vmamba_t / model`` ratios. VMamba-T runs once per scan
 backend (:func:`vmamba.ops.fused.forced_scan_backend`): ``auto`` (the default choice, per stage, see
 :meth:`vmamba.mixers.MambaMixer.map_path`), ``fused`` (the compiled kernel wherever it applies) and
@@ -25,6 +26,7 @@ from vmamba import ScanPattern
 from vmamba.mixers import MambaMixer
 from vmamba.ops.fused import ScanBackend, forced_scan_backend, fused_status
 
+from ..common.optim import fused_kwargs
 from .common import format_ratio, print_table, time_interleaved
 
 REFERENCES = ("swin_tiny_patch4_window7_224", "vit_small_patch16_224")
@@ -104,7 +106,7 @@ def _training(quick: bool) -> None:
     def step(name: str, backend: ScanBackend | None = None) -> Callable[[], object]:
         torch.manual_seed(0)
         model = timm.create_model(name).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **fused_kwargs("adamw", model.parameters()))
 
         def call() -> object:
             with forced_scan_backend(backend or ScanBackend.AUTO):
@@ -124,7 +126,7 @@ def _training(quick: bool) -> None:
         print(f"{_vmamba_label(b)} training scan path per stage: {_stage_paths(probe, b, grad=True)}")
     timings = time_interleaved(calls, repeats=repeats, warmup=1)
     _print_rates(
-        f"Training step (forward + backward + AdamW step): fp32, 224x224, batch {batch}, "
+        f"Training step (forward + backward + fused AdamW step): fp32, 224x224, batch {batch}, "
         f"{torch.get_num_threads()} threads, median of {repeats}",
         batch, {n: t.median for n, t in timings.items()}, TRAIN_TARGET,
     )

@@ -13,15 +13,18 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from tasks.classification.config import ClassificationConfig
+from tasks.common.optim import fused_kwargs
 
 __all__ = ["build_optimizer", "build_scheduler"]
 
 
 def build_optimizer(cfg: ClassificationConfig, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
-    """The optimizer at the peak learning rate for ``world_size`` processes (the schedule scales it)."""
+    """The optimizer at the peak learning rate for ``world_size`` processes (the schedule scales it); torch's
+    fused implementation where it has one (:func:`tasks.common.optim.fused_kwargs`)."""
     lr, _, _ = cfg.learning_rates(world_size)
     return create_optimizer_v2(model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
-                               eps=cfg.optim.eps, betas=tuple(cfg.optim.betas))
+                               eps=cfg.optim.eps, betas=tuple(cfg.optim.betas),
+                               **fused_kwargs(cfg.optim.opt, model.parameters()))
 
 
 def build_scheduler(cfg: ClassificationConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int,

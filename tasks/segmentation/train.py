@@ -43,6 +43,7 @@ from tasks.common.checkpoint import load_state, save_state, save_weights
 from tasks.common.cli import add_config_arguments, add_run_arguments, flag_overrides, run_command
 from tasks.common.config import ConfigError, describe_config, load_config, save_config
 from tasks.common.csv_log import CsvLog
+from tasks.common.optim import fused_kwargs
 from tasks.common.distributed import DistContext, all_reduce_sum, barrier, close_distributed, env_rank, \
     init_distributed
 from tasks.common.precision import autocast, check_precision, grad_scaler
@@ -187,7 +188,7 @@ def _seed_epoch(cfg: SegmentationConfig, epoch: int, ctx: DistContext, data: _Da
 def _optimizer(cfg: SegmentationConfig, model: nn.Module) -> torch.optim.Optimizer:
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=skip)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, **fused_kwargs("adamw", model.parameters()))
 
 
 def _train_epoch(cfg: SegmentationConfig, ctx: DistContext, ddp_model: nn.Module, model: nn.Module,

@@ -186,11 +186,12 @@ class MambaMixer(SequenceMixer):
         u = x.reshape(x.shape[0], -1, c)  # (B, L, C) map rows
         x_dbl = F.linear(u, self.x_proj_weight.reshape(k * (r + 2 * n), c)).unflatten(-1, (k, r + 2 * n))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=-1)  # (B, L, K, *)
-        delta = dt_projection(dts, self.dt_projs_weight)  # (B, L, K, C)
+        # The kernel computes delta = dt_projs_weight[k] @ dts (the dt projection) tile by tile and adds the
+        # D skips (sum over directions of D_k u): neither delta nor its gradient is materialised.
         y, _ = fused_multi_scan(
-            u, delta, A.transpose(1, 2), Bs.unsqueeze(3), Cs.unsqueeze(3), _direction_index(spatial, pattern),
-            delta_bias=self.dt_projs_bias, delta_softplus=True, D=self.Ds.view(k, c),
-        )  # the D skips (sum over directions of D_k u) are added inside the kernel
+            u, dts, A.transpose(1, 2), Bs.unsqueeze(3), Cs.unsqueeze(3), _direction_index(spatial, pattern),
+            delta_bias=self.dt_projs_bias, delta_softplus=True, D=self.Ds.view(k, c), dt_weight=self.dt_projs_weight,
+        )
         return y.to(x.dtype).view(x.shape)
 
     def mixing_matrix(self, x: Tensor) -> Tensor:

@@ -12,6 +12,11 @@
 //                               channel stride (the dt projection's einsum gives (K, B, L, D) memory order,
 //                               and a contiguous copy of it cost more than the scan at 56 x 56); d delta is
 //                               returned with the same strides
+//       or (B, L, K, R) rows    with `dt_weight` (K, R, D): the low-rank form delta[b, l, k] = rows[b, l, k] @
+//                               dt_weight[k], computed tile by tile here (R FMAs per step), so neither delta
+//                               nor d delta is ever materialised; any strides with unit rank stride (a slice
+//                               of the x_proj output). The backward returns d rows (B, L, K, R) and d dt_weight
+//                               per batch item (B, K, R, D).
 //     A      (K, N, D)          negative decay rates
 //     Bm, Cm (B, L, K, G, N)    group g serves channels g*D/G..(g+1)*D/G-1
 //     bias   (K, D)             dt bias (may be empty);  h0, hT (B, K, N, D)
@@ -54,6 +59,7 @@ namespace {
 using namespace vmamba_simd;
 
 constexpr int MAX_N = 64;
+constexpr int MAX_R = 256;  // dt rank of the low-rank delta (VMamba: ceil(dim / 16))
 // Steps per tile: the backward keeps a tile's states ((TILE + 1) * N vectors) in L2 instead of the whole
 // sequence's, and the staged inputs of a tile stay in L1.
 constexpr int TILE = 64;
@@ -200,7 +206,12 @@ struct Stage {
   std::vector<vf> hs;                 // (TILE + 1, N) states of the tile (backward)
   std::vector<vf> decay;              // (TILE, N) exp(dt * A) of the tile (backward)
   std::vector<float> marks;           // (tiles, N, W) state before each tile (backward)
-  void reserve(int64_t N, int64_t L) {
+  std::vector<float> rows;            // (TILE, R) low-rank delta rows of the tile
+  std::vector<vf> dW;                 // (R) d dt_weight of one direction, summed over its steps
+  alignas(64) float ddtT[W * W];      // W steps of ddt, transposed (lane-major -> step-major)
+  void reserve(int64_t N, int64_t L, int64_t R = 0) {
+    rows.resize(TILE * R);
+    dW.resize(R);
     Bt.resize(TILE * N);
     Ct.resize(TILE * N);
     PB.resize(TILE * N * W);
@@ -326,7 +337,8 @@ inline void reverse_tile(int n_dyn, int T, const vf* Av, const vf* hs, const vf*
 
 struct MapDims {
   int64_t B, L, K, Ku, D, G, N, blocks;
-  int64_t delta_b, delta_l, delta_k;  // delta's (and d delta's) strides; the channel stride is 1
+  int64_t delta_b, delta_l, delta_k;  // delta's (and d delta's) strides, or the low-rank rows'; unit last stride
+  int64_t R;                          // rank of the low-rank delta (rows @ dt_weight); 0: delta given in full
 };
 
 // One (batch item, block, direction) of the multi-direction map layout.
@@ -335,6 +347,7 @@ struct MapLayout {
   int64_t b, blk, k, d0, g;
   const float *u, *delta, *A, *Bm, *Cm, *bias, *h0, *Dskip;  // Dskip (K, D) or null
   const int64_t* idx;
+  const float* Wt;  // dt_weight (K, R, D) with the low-rank delta (s.R > 0), else null
 
   int64_t length() const { return s.L; }
   vf load_D() const { return Dskip ? loadv(Dskip + k * s.D + d0) : splat(0.0f); }
@@ -345,7 +358,9 @@ struct MapLayout {
   int64_t row(int64_t t) const { return b * s.L + idx[t]; }
   int64_t u_at(int64_t r) const { return (r * s.Ku + (s.Ku == 1 ? 0 : k)) * s.D + d0; }
   int64_t bc_at(int64_t r) const { return ((r * s.K + k) * s.G + g) * s.N; }
-  int64_t delta_at(int64_t t) const { return b * s.delta_b + idx[t] * s.delta_l + k * s.delta_k + d0; }  // step t
+  int64_t delta_row(int64_t t) const { return b * s.delta_b + idx[t] * s.delta_l + k * s.delta_k; }  // step t
+  int64_t delta_at(int64_t t) const { return delta_row(t) + d0; }  // full delta: this task's channels
+  const float* weight_row(int64_t r) const { return Wt + (k * s.R + r) * s.D + d0; }  // dt_weight[k, r, block]
   int64_t state_at(int64_t n) const { return ((b * s.K + k) * s.N + n) * s.D + d0; }
 
   void load_A(vf* Av) const {
@@ -362,7 +377,12 @@ struct MapLayout {
     for (int t = 0; t < T; ++t) {
       const int64_t r = row(t0 + t);
       prefetch_line(u + u_at(r));
-      prefetch_line(delta + delta_at(t0 + t));
+      if (s.R) {
+        prefetch_line(delta + delta_row(t0 + t));
+        if (s.R > 16) prefetch_line(delta + delta_row(t0 + t) + s.R - 1);
+      } else {
+        prefetch_line(delta + delta_at(t0 + t));
+      }
       prefetch_line(Bm + bc_at(r));
       prefetch_line(Cm + bc_at(r));
     }
@@ -372,7 +392,12 @@ struct MapLayout {
     for (int t = 0; t < T; ++t) {
       const int64_t r = row(t0 + t);
       storev(st.x + t * W, loadv(u + u_at(r)));
-      storev(st.dt + t * W, loadv(delta + delta_at(t0 + t)));
+      if (s.R) {
+        const float* src = delta + delta_row(t0 + t);
+        for (int64_t j = 0; j < s.R; ++j) st.rows[t * s.R + j] = src[j];
+      } else {
+        storev(st.dt + t * W, loadv(delta + delta_at(t0 + t)));
+      }
       if (N == 1) {  // d_state 1 (VMamba v2): a scalar copy, not a library memcpy call per step
         st.Bt[t] = Bm[bc_at(r)];
         st.Ct[t] = Cm[bc_at(r)];
@@ -385,6 +410,26 @@ struct MapLayout {
         std::memcpy(st.Bt.data() + t * N, Bm + bc_at(r), N * sizeof(float));
         std::memcpy(st.Ct.data() + t * N, Cm + bc_at(r), N * sizeof(float));
       }
+    }
+    if (s.R) expand_rows(st, T);
+  }
+  // Low-rank delta: st.dt[t] = sum_r rows[t, r] * dt_weight[k, r, block], 8 steps sharing each weight load.
+  void expand_rows(Stage& st, int T) const {
+    const int64_t R = s.R;
+    const float* rows = st.rows.data();
+    int t = 0;
+    for (; t + 8 <= T; t += 8) {
+      vf acc[8] = {};
+      for (int64_t r = 0; r < R; ++r) {
+        const vf w = loadv(weight_row(r));
+        for (int i = 0; i < 8; ++i) acc[i] += rows[(t + i) * R + r] * w;
+      }
+      for (int i = 0; i < 8; ++i) storev(st.dt + (t + i) * W, acc[i]);
+    }
+    for (; t < T; ++t) {
+      vf acc = splat(0.0f);
+      for (int64_t r = 0; r < R; ++r) acc += rows[t * R + r] * loadv(weight_row(r));
+      storev(st.dt + t * W, acc);
     }
   }
 };
@@ -413,6 +458,10 @@ struct MapBackward : MapLayout {
   const float *dy, *dhT;
   float *du, *ddelta, *dA, *dB, *dC, *dbias, *dh0, *dD;  // dB, dC: this thread's (B, L, K, G, N) partial sums
   mutable vf dDacc;  // sum over steps of dy * u (the D skip's gradient), with Dskip
+  // Low-rank delta: d rows goes to this thread's step-ordered partial (B, K, R, L) (`ddelta`), d dt_weight
+  // is summed over the steps in `dWacc` (R vectors, zeroed by the caller) and stored to dW (B, K, R, D).
+  float* dW;
+  vf* dWacc;
   static constexpr bool needs_y = false;
   void prefetch(int64_t t0, int T) const {
     prefetch_inputs(t0, T);
@@ -420,7 +469,7 @@ struct MapBackward : MapLayout {
       const int64_t r = row(t0 + t);
       prefetch_line(dy + r * s.D + d0);
       prefetch_line(du + u_at(r));
-      prefetch_line(ddelta + delta_at(t0 + t));
+      if (!s.R) prefetch_line(ddelta + delta_at(t0 + t));
     }
   }
   void load_dh(vf* dh) const {
@@ -442,11 +491,50 @@ struct MapBackward : MapLayout {
       vf dut = loadv(st.du + t * W);
       if (Dskip) dut += Dk * loadv(st.gy + t * W);
       storev(duo, first_writer() ? dut : loadv(duo) + dut);
-      storev(ddelta + delta_at(t0 + t), loadv(st.ddt + t * W));
+      if (!s.R) storev(ddelta + delta_at(t0 + t), loadv(st.ddt + t * W));
       float *dBo = dB + bc_at(r), *dCo = dC + bc_at(r);
       for (int64_t n = 0; n < N; ++n) {
         dBo[n] += st.dBt[n * TILE + t];
         dCo[n] += st.dCt[n * TILE + t];
+      }
+    }
+    if (s.R) low_rank_grads(st, t0, T);
+  }
+  // Through delta[t] = sum_r rows[t, r] * weight_r: d weight_r += ddt[t] * rows[t, r] (lanes = channels), and
+  // d rows[t, r] = sum over lanes of ddt[t] * weight_r, taken W steps at a time from the transposed ddt (W
+  // FMAs per rank and W steps, no lane reductions) and added to this thread's partial at steps t0 + t.
+  void low_rank_grads(Stage& st, int64_t t0, int T) const {
+    const int64_t R = s.R;
+    const float* rows = st.rows.data();
+    int t = 0;
+    for (; t + 8 <= T; t += 8) {
+      vf g[8];
+      for (int i = 0; i < 8; ++i) g[i] = loadv(st.ddt + (t + i) * W);
+      for (int64_t r = 0; r < R; ++r) {
+        vf a = g[0] * rows[t * R + r];
+        for (int i = 1; i < 8; ++i) a += g[i] * rows[(t + i) * R + r];
+        dWacc[r] += a;
+      }
+    }
+    for (; t < T; ++t) {
+      const vf g = loadv(st.ddt + t * W);
+      for (int64_t r = 0; r < R; ++r) dWacc[r] += g * rows[t * R + r];
+    }
+    float* part = ddelta + (b * s.K + k) * R * s.L + t0;
+    for (int tb = 0; tb < T; tb += W) {
+      const int count = std::min(W, T - tb);
+      transpose_block(st.ddt + tb * W, W, st.ddtT, W);  // ddtT[lane * W + i] = ddt of step tb + i
+      for (int64_t r = 0; r < R; ++r) {
+        const float* w = weight_row(r);
+        vf acc[4] = {};
+        for (int j = 0; j < W; ++j) acc[j % 4] += loadv(st.ddtT + j * W) * w[j];
+        const vf sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        float* o = part + r * s.L + tb;
+        if (count == W) {
+          storev(o, loadv(o) + sum);
+        } else {
+          for (int i = 0; i < count; ++i) o[i] += sum[i];
+        }
       }
     }
   }
@@ -457,6 +545,7 @@ struct MapBackward : MapLayout {
     }
     storev(dbias + (b * s.K + k) * s.D + d0, dbias_acc);
     if (Dskip) storev(dD + (b * s.K + k) * s.D + d0, dDacc);
+    for (int64_t r = 0; r < s.R; ++r) storev(dW + (b * s.K + k) * s.R * s.D + r * s.D + d0, dWacc[r]);
   }
 };
 
@@ -722,8 +811,32 @@ int64_t thread_slot(int64_t threads) {
 // Map layout entry points
 // ---------------------------------------------------------------------------------------------------------
 
+// The per-thread, step-ordered d rows (threads, B, K, R, L) of the low-rank backward, summed over threads
+// and put in map-row order: (B, L, K, R), out[b, index[k, t], k, r] = sum over threads of part[., b, k, r, t].
+torch::Tensor rows_in_map_order(const torch::Tensor& parts, const torch::Tensor& index, const MapDims& s) {
+  auto out = torch::empty({s.B, s.L, s.K, s.R}, parts.options());
+  const int64_t threads = parts.size(0), part = s.B * s.K * s.R * s.L;
+  const float* p = parts.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  at::parallel_for(0, s.B * s.K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / s.K, k = bk % s.K;
+      for (int64_t r = 0; r < s.R; ++r) {
+        const float* src = p + (bk * s.R + r) * s.L;
+        for (int64_t t = 0; t < s.L; ++t) {
+          float v = src[t];
+          for (int64_t th = 1; th < threads; ++th) v += src[th * part + t];
+          o[((b * s.L + idx[k * s.L + t]) * s.K + k) * s.R + r] = v;
+        }
+      }
+    }
+  });
+  return out;
+}
+
 MapDims map_dims(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
-                 const torch::Tensor& index) {
+                 const torch::Tensor& index, const torch::Tensor& dt_weight) {
   TORCH_CHECK(u.dim() == 4 && delta.dim() == 4 && A.dim() == 3 && Bm.dim() == 5 && index.dim() == 2,
               "multi_scan: bad ranks");
   MapDims s;
@@ -735,10 +848,22 @@ MapDims map_dims(const torch::Tensor& u, const torch::Tensor& delta, const torch
   s.N = A.size(1);
   s.G = Bm.size(3);
   TORCH_CHECK(s.Ku == 1 || s.Ku == s.K, "multi_scan: u must have 1 or K directions");
-  TORCH_CHECK(delta.size(0) == s.B && delta.size(1) == s.L && delta.size(3) == s.D, "multi_scan: bad delta shape");
-  TORCH_CHECK(delta.scalar_type() == torch::kFloat && (delta.stride(3) == 1 || s.D == 1) &&
-                  delta.is_non_overlapping_and_dense(),
-              "multi_scan: delta must be float32, dense, with unit channel stride");
+  s.R = dt_weight.numel() ? dt_weight.size(1) : 0;
+  if (s.R) {
+    TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == s.K && dt_weight.size(2) == s.D &&
+                    dt_weight.scalar_type() == torch::kFloat && dt_weight.is_contiguous(),
+                "multi_scan: dt_weight must be contiguous float32 (K, R, D)");
+    TORCH_CHECK(s.R <= MAX_R, "multi_scan: dt rank must be <= ", MAX_R);
+    TORCH_CHECK(delta.size(0) == s.B && delta.size(1) == s.L && delta.size(3) == s.R,
+                "multi_scan: low-rank delta rows must be (B, L, K, R)");
+    TORCH_CHECK(delta.scalar_type() == torch::kFloat && (delta.stride(3) == 1 || s.R == 1),
+                "multi_scan: low-rank delta rows must be float32 with unit rank stride");
+  } else {
+    TORCH_CHECK(delta.size(0) == s.B && delta.size(1) == s.L && delta.size(3) == s.D, "multi_scan: bad delta shape");
+    TORCH_CHECK(delta.scalar_type() == torch::kFloat && (delta.stride(3) == 1 || s.D == 1) &&
+                    delta.is_non_overlapping_and_dense(),
+                "multi_scan: delta must be float32, dense, with unit channel stride");
+  }
   s.delta_b = delta.stride(0);
   s.delta_l = delta.stride(1);
   s.delta_k = delta.stride(2);
@@ -766,18 +891,18 @@ MapDims map_dims(const torch::Tensor& u, const torch::Tensor& delta, const torch
 MapLayout map_task(const MapDims& s, int64_t b, int64_t blk, int64_t k, const torch::Tensor& u,
                    const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& Bm,
                    const torch::Tensor& Cm, const torch::Tensor& bias, const torch::Tensor& h0,
-                   const torch::Tensor& Dskip, const torch::Tensor& index) {
+                   const torch::Tensor& Dskip, const torch::Tensor& index, const torch::Tensor& dt_weight) {
   const int64_t d0 = blk * W;
   return MapLayout{s, b, blk, k, d0, d0 / (s.D / s.G), u.data_ptr<float>(), delta.data_ptr<float>(),
                    A.data_ptr<float>(), Bm.data_ptr<float>(), Cm.data_ptr<float>(), opt(bias), opt(h0),
-                   opt(Dskip), index.data_ptr<int64_t>() + k * s.L};
+                   opt(Dskip), index.data_ptr<int64_t>() + k * s.L, opt(dt_weight)};
 }
 
 // Returns y, hT and, with `keep_marks`, the state before every tile (tasks, K, tiles, N, W) for the backward.
 std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                          torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
-                                         bool softplus, bool keep_marks, torch::Tensor Dskip) {
-  const MapDims s = map_dims(u, delta, A, Bm, index);
+                                         bool softplus, bool keep_marks, torch::Tensor Dskip, torch::Tensor dt_weight) {
+  const MapDims s = map_dims(u, delta, A, Bm, index, dt_weight);
   check_f32({&u, &A, &Bm, &Cm, &bias, &h0, &Dskip});  // delta: see map_dims
   TORCH_CHECK(Dskip.numel() == 0 || Dskip.numel() == s.K * s.D, "multi_scan: D must be (K, D)");
   const int64_t tasks = s.B * s.blocks, mark_size = tiles(s.L) * s.N * W;
@@ -786,10 +911,11 @@ std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, t
   auto marks = keep_marks ? torch::empty({tasks, s.K, tiles(s.L), s.N, W}, u.options()) : torch::empty({0}, u.options());
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Stage st;
-    st.reserve(s.N, s.L);
+    st.reserve(s.N, s.L, s.R);
     for (int64_t task = begin; task < end; ++task)
       for (int64_t k = 0; k < s.K; ++k) {
-        MapForward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index),
+        MapForward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index,
+                                dt_weight),
                        y.data_ptr<float>(), hT.data_ptr<float>()};
         forward_any(lay, s.N, softplus, st, keep_marks ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
@@ -797,14 +923,15 @@ std::vector<torch::Tensor> multi_forward(torch::Tensor u, torch::Tensor delta, t
   return {y, hT, marks};
 }
 
-// Returns du, ddelta, dA per batch item (B, K, N, D), dB and dC (B, L, K, G, N), dbias per batch item
-// (B, K, D), dh0, and with D dD per batch item (B, K, D). `marks` from the forward (or empty: a forward
-// sweep recomputes them).
+// Returns du, ddelta (with dt_weight: d rows (B, L, K, R)), dA per batch item (B, K, N, D), dB and dC
+// (B, L, K, G, N), dbias per batch item (B, K, D), dh0, with D dD per batch item (B, K, D), and with
+// dt_weight d dt_weight per batch item (B, K, R, D). `marks` from the forward (or empty: a forward sweep
+// recomputes them).
 std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor Bm,
                                           torch::Tensor Cm, torch::Tensor bias, torch::Tensor h0, torch::Tensor index,
                                           bool softplus, torch::Tensor dy, torch::Tensor dhT, torch::Tensor marks,
-                                          torch::Tensor Dskip) {
-  const MapDims s = map_dims(u, delta, A, Bm, index);
+                                          torch::Tensor Dskip, torch::Tensor dt_weight) {
+  const MapDims s = map_dims(u, delta, A, Bm, index, dt_weight);
   check_f32({&u, &A, &Bm, &Cm, &bias, &h0, &dy, &dhT, &marks, &Dskip});  // delta: see map_dims
   TORCH_CHECK(Dskip.numel() == 0 || Dskip.numel() == s.K * s.D, "multi_scan: D must be (K, D)");
   const int64_t mark_size = tiles(s.L) * s.N * W;
@@ -812,30 +939,38 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
               "multi_scan: checkpoints do not match the inputs");
   const int64_t threads = at::get_num_threads();
   auto du = torch::empty_like(u);  // see first_writer
-  auto ddelta = torch::empty_like(delta);  // delta's strides (a dense permutation: empty_like keeps them)
+  // Full delta: d delta with delta's strides (a dense permutation: empty_like keeps them). Low-rank: each
+  // thread's step-ordered d rows (threads, B, K, R, L), put in row order after the parallel region.
+  auto ddelta = s.R ? torch::zeros({threads, s.B, s.K, s.R, s.L}, u.options()) : torch::empty_like(delta);
+  auto dW = s.R ? torch::empty({s.B, s.K, s.R, s.D}, u.options()) : torch::empty({0}, u.options());
   auto dA = torch::empty({s.B, s.K, s.N, s.D}, u.options());
   auto dB = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
   auto dC = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
   auto dbias = torch::empty({s.B, s.K, s.D}, u.options());
   auto dD = Dskip.numel() ? torch::empty({s.B, s.K, s.D}, u.options()) : torch::empty({0}, u.options());
   auto dh0 = h0.numel() ? torch::empty_like(h0) : torch::Tensor();
-  const int64_t part = s.B * s.L * s.K * s.G * s.N;
+  const int64_t part = s.B * s.L * s.K * s.G * s.N, rows_part = s.B * s.K * s.R * s.L;
   at::parallel_for(0, s.B * s.blocks, 1, [&](int64_t begin, int64_t end) {
     Stage st;
-    st.reserve(s.N, s.L);
+    st.reserve(s.N, s.L, s.R);
     const int64_t slot = thread_slot(threads);
     for (int64_t task = begin; task < end; ++task)
       for (int64_t k = 0; k < s.K; ++k) {
-        MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index),
-                        dy.data_ptr<float>(), opt(dhT), du.data_ptr<float>(), ddelta.data_ptr<float>(),
-                        dA.data_ptr<float>(), dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part,
+        std::fill(st.dW.begin(), st.dW.end(), splat(0.0f));
+        MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index,
+                                 dt_weight),
+                        dy.data_ptr<float>(), opt(dhT), du.data_ptr<float>(),
+                        ddelta.data_ptr<float>() + (s.R ? slot * rows_part : 0), dA.data_ptr<float>(),
+                        dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part,
                         dbias.data_ptr<float>(), h0.numel() ? dh0.data_ptr<float>() : nullptr,
-                        Dskip.numel() ? dD.data_ptr<float>() : nullptr, splat(0.0f)};
+                        Dskip.numel() ? dD.data_ptr<float>() : nullptr, splat(0.0f),
+                        s.R ? dW.data_ptr<float>() : nullptr, st.dW.data()};
         backward_any(lay, s.N, softplus, st,
                      marks.numel() ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
   });
-  return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dbias, dh0, dD};
+  if (s.R) ddelta = rows_in_map_order(ddelta, index, s);
+  return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dbias, dh0, dD, dW};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -935,11 +1070,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The checkpoint arguments are optional so callers without them keep working (the map layout's old signature).
   m.def("forward", &multi_forward, "fused multi-direction selective scan, map layout (forward)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("Bm"), py::arg("Cm"), py::arg("bias"), py::arg("h0"), py::arg("index"),
-        py::arg("softplus"), py::arg("keep_marks") = false, py::arg("D") = torch::empty({0}));
+        py::arg("softplus"), py::arg("keep_marks") = false, py::arg("D") = torch::empty({0}),
+        py::arg("dt_weight") = torch::empty({0}));
   m.def("backward", &multi_backward, "fused multi-direction selective scan, map layout (backward)", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("Bm"), py::arg("Cm"), py::arg("bias"), py::arg("h0"), py::arg("index"),
         py::arg("softplus"), py::arg("dy"), py::arg("dhT"), py::arg("marks") = torch::empty({0}),
-        py::arg("D") = torch::empty({0}));
+        py::arg("D") = torch::empty({0}), py::arg("dt_weight") = torch::empty({0}));
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
   m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
   m.attr("lanes") = W;

@@ -52,32 +52,34 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
-def multi_checkpoints_shape(delta: Tensor, A: Tensor) -> tuple[int, int, int, int, int]:
+def multi_checkpoints_shape(u: Tensor, delta: Tensor, A: Tensor) -> tuple[int, int, int, int, int]:
     """Shape of the states the map-layout forward keeps for the backward: (tasks, K, tiles, N, lanes), a
-    task being one batch item's block of SIMD-width channels and a tile :data:`TILE` steps; ``delta`` is
-    the kernel's (channel-padded) ``(B, L, K, D)`` input. About N/64 of ``delta``'s size."""
+    task being one batch item's block of SIMD-width channels and a tile :data:`TILE` steps; ``u`` and
+    ``delta`` are the kernel's (channel-padded) ``(B, L, Ku, D)`` and ``(B, L, K, D or R)`` inputs. About
+    N/64 of the full delta's size."""
     ext = load()
-    batch, length, directions, dim = delta.shape
+    batch, length, directions = delta.shape[:3]
+    dim = u.shape[-1]
     return batch * (dim // ext.lanes), directions, -(-length // ext.tile), A.shape[1], ext.lanes
 
 
 @torch.library.custom_op("vmamba::multi_scan", mutates_args=())
 def _multi_scan_op(
     u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, bias: Tensor | None, h0: Tensor | None,
-    index: Tensor, softplus: bool, keep_checkpoints: bool, D: Tensor | None = None,
+    index: Tensor, softplus: bool, keep_checkpoints: bool, D: Tensor | None = None, dt_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``y (B, L, D)``, ``last (B, K, N, D)`` and the backward's checkpoints (empty without
-    ``keep_checkpoints``)."""
+    ``keep_checkpoints``). With ``dt_weight (K, R, D)``, ``delta`` holds the low-rank rows ``(B, L, K, R)``."""
     y, last, marks = load().forward(
-        u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, keep_checkpoints, _opt(D)
+        u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, keep_checkpoints, _opt(D), _opt(dt_weight)
     )
     return y, last, marks
 
 
 @_multi_scan_op.register_fake
-def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints, D=None):
+def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints, D=None, dt_weight=None):
     batch, length, _, dim = u.shape
-    marks = multi_checkpoints_shape(delta, A) if keep_checkpoints else (0,)
+    marks = multi_checkpoints_shape(u, delta, A) if keep_checkpoints else (0,)
     return (
         u.new_empty(batch, length, dim),
         u.new_empty(batch, delta.shape[2], A.shape[1], dim),
@@ -89,13 +91,14 @@ def _(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep_checkpoints, D=None):
 def _multi_scan_backward_op(
     dy: Tensor, dlast: Tensor | None, u: Tensor, delta: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor,
     bias: Tensor | None, h0: Tensor | None, index: Tensor, softplus: bool, checkpoints: Tensor | None = None,
-    D: Tensor | None = None,
+    D: Tensor | None = None, dt_weight: Tensor | None = None,
 ) -> list[Tensor]:
-    """Gradients ``[u, delta, A, B, C, bias, h0, D]`` (empty tensors for absent inputs). ``checkpoints``
-    from the forward save the kernel a forward sweep; without them it recomputes the states."""
-    du, ddelta, dA_part, dB, dC, dbias_part, dh0, dD_part = load().backward(
+    """Gradients ``[u, delta, A, B, C, bias, h0, D, dt_weight]`` (empty tensors for absent inputs; ``delta``:
+    the low-rank rows with ``dt_weight``). ``checkpoints`` from the forward save the kernel a forward sweep;
+    without them it recomputes the states."""
+    du, ddelta, dA_part, dB, dC, dbias_part, dh0, dD_part, dW_part = load().backward(
         u, delta, A, Bm, Cm, _opt(bias), _opt(h0), index, softplus, dy.contiguous().float(),
-        _EMPTY if dlast is None else dlast.contiguous().float(), _opt(checkpoints), _opt(D),
+        _EMPTY if dlast is None else dlast.contiguous().float(), _opt(checkpoints), _opt(D), _opt(dt_weight),
     )
     # Shared parameters come back per batch item: sum them here.
     return [
@@ -107,47 +110,61 @@ def _multi_scan_backward_op(
         dbias_part.sum(0) if bias is not None else u.new_empty(0),
         dh0 if h0 is not None else u.new_empty(0),
         dD_part.sum(0) if D is not None else u.new_empty(0),
+        dW_part.sum(0) if dt_weight is not None else u.new_empty(0),
     ]
 
 
 @_multi_scan_backward_op.register_fake
-def _(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus, checkpoints=None, D=None):
-    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, Bm, Cm, bias, h0, D)]
+def _(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus, checkpoints=None, D=None, dt_weight=None):
+    return [
+        torch.empty_like(t) if t is not None else u.new_empty(0)
+        for t in (u, delta, A, Bm, Cm, bias, h0, D, dt_weight)
+    ]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    u, delta, A, Bm, Cm, bias, h0, index, softplus, _, D = inputs
+    u, delta, A, Bm, Cm, bias, h0, index, softplus, _, D, dt_weight = inputs
     marks = output[2]
-    ctx.save_for_backward(u, delta, A, Bm, Cm, bias, h0, index, marks if marks.numel() else None, D)
+    ctx.save_for_backward(u, delta, A, Bm, Cm, bias, h0, index, marks if marks.numel() else None, D, dt_weight)
     ctx.softplus = softplus
 
 
 def _backward(ctx, dy: Tensor | None, dlast: Tensor | None, _dmarks: Tensor | None):
-    u, delta, A, Bm, Cm, bias, h0, index, marks, D = ctx.saved_tensors
+    u, delta, A, Bm, Cm, bias, h0, index, marks, D, dt_weight = ctx.saved_tensors
     if dy is None:
         dy = u.new_zeros(u.shape[0], u.shape[1], u.shape[3])
     grads = torch.ops.vmamba.multi_scan_backward(
-        dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus, marks, D
+        dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus, marks, D, dt_weight
     )
-    du, ddelta, dA, dB, dC, dbias, dh0, dD = grads
+    du, ddelta, dA, dB, dC, dbias, dh0, dD, dW = grads
     present = (u, delta, A, Bm, Cm, bias, h0)
     grads_in = tuple(g if t is not None else None for g, t in zip((du, ddelta, dA, dB, dC, dbias, dh0), present))
-    return (*grads_in, None, None, None, dD if D is not None else None)
+    return (*grads_in, None, None, None, dD if D is not None else None, dW if dt_weight is not None else None)
 
 
 _multi_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _multi_scan_macs(u, delta, A, Bm, Cm, *rest, **kwargs) -> int:
-    batch, length, directions, dim = delta
-    return 9 * batch * length * directions * dim * A[1]  # the official selective-scan count per direction
+def _multi_scan_macs(u, delta, A, *rest, dt_weight=None, **kwargs) -> int:
+    batch, length, directions = delta[:3]
+    dim = u[-1]
+    macs = 9 * batch * length * directions * dim * A[1]  # the official selective-scan count per direction
+    if dt_weight is not None:  # the low-rank delta's product (the dt projection, counted as its einsum would be)
+        macs += batch * length * directions * dim * dt_weight[1]
+    return macs
 
 
-register_macs(torch.ops.vmamba.multi_scan, _multi_scan_macs)
-register_macs(
-    torch.ops.vmamba.multi_scan_backward,
-    lambda dy, dlast, u, delta, A, *rest, **kw: BACKWARD_MAC_FACTOR * _multi_scan_macs(u, delta, A, None, None),
-)
+def _multi_scan_op_macs(u, delta, A, Bm, Cm, bias, h0, index, softplus, keep, D=None, dt_weight=None) -> int:
+    return _multi_scan_macs(u, delta, A, dt_weight=dt_weight)
+
+
+def _multi_scan_backward_macs(dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, softplus, checkpoints=None, D=None,
+                              dt_weight=None) -> int:
+    return BACKWARD_MAC_FACTOR * _multi_scan_macs(u, delta, A, dt_weight=dt_weight)
+
+
+register_macs(torch.ops.vmamba.multi_scan, _multi_scan_op_macs)
+register_macs(torch.ops.vmamba.multi_scan_backward, _multi_scan_backward_macs)
 
 
 def fused_multi_scan(
@@ -161,6 +178,7 @@ def fused_multi_scan(
     initial_state: Tensor | None = None,
     delta_softplus: bool = True,
     D: Tensor | None = None,
+    dt_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Selective scans of one map along K directions, merged by summation, in one fused pass.
 
@@ -169,13 +187,17 @@ def fused_multi_scan(
     Args:
         u: ``(B, L, D)`` map rows (channels last), shared by every direction, or ``(B, L, K, D)``, one
             input per direction (still in map-row order).
-        delta: ``(B, L, K, D)`` raw step sizes per direction, in map-row order.
+        delta: ``(B, L, K, D)`` raw step sizes per direction, in map-row order; or, with ``dt_weight``, their
+            low-rank rows ``(B, L, K, R)`` (any strides, e.g. a slice of the x_proj output).
         A: ``(K, N, D)`` (negative) decay rates.
         B, C: ``(B, L, K, G, N)``; group ``g`` serves channels ``g*D/G .. (g+1)*D/G - 1``.
         index: ``(K, L)`` row order of each direction: each row a permutation of ``0 .. L-1``.
         delta_bias: ``(K, D)`` added to ``delta`` before the softplus.
         initial_state: ``(B, K, N, D)``.
         D: ``(K, D)`` D skip per direction: adds ``D[k] * u`` (``u[:, :, k]`` with one input per direction).
+        dt_weight: ``(K, D, R)``: the raw step sizes are ``delta[b, l, k] = dt_weight[k] @ rows[b, l, k]`` (VMamba's
+            dt projection), computed inside the kernel tile by tile: neither they nor their gradient is ever
+            materialised. Differentiable in the rows and in ``dt_weight``.
 
     Returns:
         ``y (B, L, D)``: ``sum_k <C, h> (+ D[k] u)`` per row (no gate), and ``last_state (B, K, N, D)``.
@@ -211,11 +233,22 @@ def fused_multi_scan(
             return prep(t)
         return t
 
-    tensors = (u, delta, A, B, C, delta_bias, initial_state, D)
+    if dt_weight is not None:
+        if dt_weight.dim() != 3 or dt_weight.shape[:2] != (delta.shape[2], dim) or dt_weight.shape[2] != delta.shape[3]:
+            raise ValueError(
+                f"dt_weight must be (K, D, R) = ({delta.shape[2]}, {dim}, {delta.shape[3]}) for rows of shape "
+                f"{tuple(delta.shape)}, got {tuple(dt_weight.shape)}"
+            )
+        rows = delta.float()
+        delta = rows if rows.stride(-1) == 1 else rows.contiguous()
+        dt_weight = prep(dt_weight.transpose(1, 2))  # (K, R, D): each rank's channel vector contiguous
+    else:
+        delta = prep_delta(delta)
+    tensors = (u, delta, A, B, C, delta_bias, initial_state, D, dt_weight)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, last, _ = torch.ops.vmamba.multi_scan(
-        prep(u), prep_delta(delta), prep(A), B.float().contiguous(), C.float().contiguous(), prep(delta_bias),
-        prep(initial_state), index.to(torch.int64).contiguous(), bool(delta_softplus), keep, prep(D),
+        prep(u), delta, prep(A), B.float().contiguous(), C.float().contiguous(), prep(delta_bias),
+        prep(initial_state), index.to(torch.int64).contiguous(), bool(delta_softplus), keep, prep(D), dt_weight,
     )
     if pad:
         unpad = lambda t: t.unflatten(-1, (groups, per_group + pad))[..., :per_group].flatten(-2)  # noqa: E731
