@@ -63,7 +63,6 @@ from torch.utils.checkpoint import checkpoint
 
 from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
-from vmamba.mixers.mamba import dt_projection
 from vmamba.ops import depthwise_conv1d_silu
 from vmamba.ops.fused import MAX_D_STATE, fused_multi_scan, use_fused
 from vmamba.ssm_layer import ConvPlacement, MultiDirectionSSM
@@ -276,11 +275,10 @@ class VimBlock(nn.Module):
         u = depthwise_conv1d_silu(x, taps, op.conv.bias.view(2, e), 0, n, [-(width - 1), 0])  # (B, N, 2, E)
         x_dbl = torch.stack([F.linear(u[:, :, kk], mixer.x_proj_weight[kk]) for kk in range(2)], dim=2)
         dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)  # (B, N, 2, *)
-        delta = dt_projection(dt, mixer.dt_projs_weight)  # (B, N, 2, E)
         forward = torch.arange(n, device=x.device)
-        y, _ = fused_multi_scan(
-            u, delta, a, b_in.unsqueeze(3), c_out.unsqueeze(3), torch.stack([forward, forward.flip(0)]),
-            delta_bias=mixer.dt_projs_bias.float(), D=mixer.Ds.view(2, e).float(),
+        y, _ = fused_multi_scan(  # the kernel projects dt (delta = dt_projs_weight[k] @ dt) tile by tile
+            u, dt, a, b_in.unsqueeze(3), c_out.unsqueeze(3), torch.stack([forward, forward.flip(0)]),
+            delta_bias=mixer.dt_projs_bias.float(), D=mixer.Ds.view(2, e).float(), dt_weight=mixer.dt_projs_weight,
         )
         return y
 
@@ -319,12 +317,11 @@ class VimBlock(nn.Module):
             u = depthwise_conv1d_silu(seq, conv_w, conv_b, start, stop, offset)  # (B, c, E)
             x_dbl = F.linear(u, x_proj)  # (B, c, R + 2S)
             dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)
-            delta = F.linear(dt, dt_proj)  # (B, c, E)
             index = torch.arange(c, device=seq.device)
-            y_c, state = fused_multi_scan(
-                u.unsqueeze(2), delta.unsqueeze(2), a[kk : kk + 1], b_in[:, :, None, None], c_out[:, :, None, None],
+            y_c, state = fused_multi_scan(  # delta = dt_proj @ dt inside the kernel
+                u.unsqueeze(2), dt.unsqueeze(2), a[kk : kk + 1], b_in[:, :, None, None], c_out[:, :, None, None],
                 (index.flip(0) if reverse else index).unsqueeze(0), delta_bias=dt_bias, initial_state=state,
-                D=d_skip,
+                D=d_skip, dt_weight=dt_proj.unsqueeze(0),
             )
             if y is None:
                 if c == n and order is None:  # one call covered the whole stream in its own order

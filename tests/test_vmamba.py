@@ -568,40 +568,6 @@ def test_flop_count_is_the_same_on_the_inference_and_generic_paths():
     assert inference == generic > 0
 
 
-@pytest.mark.parametrize("rank", [1, 3])
-def test_dt_projection_equals_einsum(rank):
-    """The fused path's per-direction dt projection: strided GEMMs (no grad) and the differentiable form."""
-    from vmamba.mixers.mamba import dt_projection
-
-    g = torch.Generator().manual_seed(0)
-    x_dbl = torch.randn(2, 5, 4, rank + 2, generator=g, dtype=torch.float64)
-    dts = x_dbl[..., :rank]  # a strided slice, as the mixer passes it
-    weight = torch.randn(4, 7, rank, generator=g, dtype=torch.float64)
-    expected = torch.einsum("blkr,kcr->blkc", dts, weight)
-    with torch.no_grad():
-        fast = dt_projection(dts, weight)
-    assert fast.is_contiguous()
-    torch.testing.assert_close(fast, expected, rtol=1e-12, atol=1e-12)
-    dts_leaf, weight_leaf = dts.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = dt_projection(dts_leaf, weight_leaf)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(dt_projection, (dts_leaf, weight_leaf))
-
-
-def test_dt_projection_without_grad_under_bfloat16_autocast():
-    """Autocast hands a bfloat16 slice with float32 weights (e.g. checkpointed recomputation): the no-grad
-    path must follow autocast instead of a mixed-dtype ``mm(out=)``."""
-    from vmamba.mixers.mamba import dt_projection
-
-    g = torch.Generator().manual_seed(0)
-    dts, weight = torch.randn(2, 5, 4, 3, generator=g).bfloat16(), torch.randn(4, 7, 3, generator=g)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = dt_projection(dts, weight)
-    expected = torch.einsum("blkr,kcr->blkc", dts.float(), weight.bfloat16().float())
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
-
-
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channel_mlp_row_blocks_equal_whole_map(monkeypatch, channels_last):
     """Inference on a large map runs the MLP in blocks of rows (no fresh mmap for the hidden activation):

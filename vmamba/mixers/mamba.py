@@ -15,7 +15,7 @@ from ..ops.cross2d_scan import cross2d_selective_scan
 from ..ops.fused import ScanBackend, fused_multi_scan, scan_backend, use_fused
 from .base import MixerType, SequenceMixer, register_mixer
 
-__all__ = ["MambaMixer", "MapPath", "dt_projection"]
+__all__ = ["MambaMixer", "MapPath"]
 
 
 class MapPath(str, Enum):
@@ -39,34 +39,6 @@ def _direction_index(spatial: tuple[int, ...], pattern: ScanPattern) -> Tensor:
     length = math.prod(spatial)
     order = torch.arange(length, dtype=torch.float64).view(1, 1, *spatial)
     return cross_scan(order, pattern)[0, :, :, 0].round().long()
-
-
-def dt_projection(dts: Tensor, weight: Tensor) -> Tensor:
-    """Per-direction dt up-projection, in the layout the fused kernel reads.
-
-    Args:
-        dts: ``(B, L, K, R)``, any strides (a slice of the x_proj output).
-        weight: ``(K, C, R)``.
-
-    Returns:
-        ``(B, L, K, C)``, ``out[b, l, k] = weight[k] @ dts[b, l, k]`` (contiguous without autograd).
-
-    An einsum computes ``(K, B*L, C)`` and then the kernel's input preparation copies it into this interleaved
-    layout; at VMamba's first stage that intermediate and its copy are 38 MB each (page faults on every call).
-    Without autograd, one GEMM per direction instead writes its ``(B*L, C)`` slab straight into the output (a
-    GEMM output with leading dimension ``K*C``): the same products, ~6% of vmamba_t's inference time saved.
-    (With autograd a block-diagonal GEMM measured no faster over a training step, so the einsum stays.)
-    """
-    needs_graph = torch.is_grad_enabled() and (dts.requires_grad or weight.requires_grad)
-    # ``torch.mm(out=)`` neither autocasts nor mixes dtypes: autocast regions and mixed inputs take the einsum
-    if needs_graph or dts.dtype != weight.dtype or torch.is_autocast_enabled(dts.device.type):
-        return torch.einsum("blkr,kcr->blkc", dts, weight)
-    batch, length, k, rank = dts.shape
-    out = dts.new_empty(batch, length, k, weight.shape[1])
-    rows, slabs = dts.reshape(batch * length, k, rank), out.view(batch * length, k, -1)
-    for i in range(k):
-        torch.mm(rows[:, i], weight[i].t(), out=slabs[:, i])
-    return out
 
 
 @register_mixer(MixerType.MAMBA)
