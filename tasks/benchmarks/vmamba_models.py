@@ -64,7 +64,7 @@ def _print_rates(title: str, batch: int, times: dict[str, float], target: float)
                                       for v in vmamba_names] for n in rates]
     print_table(title, header, rows)
     verdicts = [
-        f"{v}: {rates[v] / rates[SWIN]:.2f}x swin_tiny ({'met' if rates[v] / rates[SWIN] >= target else 'NOT met'},"
+        f"{v}: {rates[v] / rates[SWIN]:.3f}x swin_tiny ({'met' if rates[v] / rates[SWIN] >= target else 'NOT met'},"
         f" target >= {target}x)"
         for v in vmamba_names if SWIN in refs
     ]
