@@ -207,3 +207,27 @@ def test_command_line_helpers_order_overrides_and_report_user_errors() -> None:
 
     with pytest.raises(KeyError):
         run_command(buggy, [], (ValueError,))
+
+
+def test_fused_optimizer_where_torch_has_one() -> None:
+    """Adam / AdamW on CPU float parameters get torch's fused implementation, which makes the same update as
+    the default one (up to float rounding); other optimizers and empty parameter lists keep the default."""
+    from tasks.common.optim import fused_kwargs
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(5, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    assert fused_kwargs("AdamW", models[0].parameters()) == {"fused": True}
+    assert fused_kwargs("adam", models[0].parameters()) == {"fused": True}
+    assert fused_kwargs("sgd", models[0].parameters()) == {}
+    assert fused_kwargs("adamw", []) == {}
+    opts = [torch.optim.AdamW(models[0].parameters(), lr=0.1),
+            torch.optim.AdamW(models[1].parameters(), lr=0.1, **fused_kwargs("adamw", models[1].parameters()))]
+    x = torch.randn(4, 5)
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

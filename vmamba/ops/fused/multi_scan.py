@@ -5,7 +5,9 @@ Two entry points share one kernel core (tile staging, the recurrence, the tiled 
 * :func:`fused_multi_scan` -- K directions of one channels-last map ``(B, L, D)``, scanned in place along
   index orders and merged by summation (the VMamba SS2D path). Channels are zero-padded per group to whole
   SIMD blocks here. When a backward will run, the forward keeps the state before every tile of every
-  direction (:func:`multi_checkpoints_shape`), as below.
+  direction (:func:`multi_checkpoints_shape`), as below. With ``dt_weight`` the step sizes come in low-rank
+  form (VMamba's / Vim's dt projection, ``delta = dt_weight[k] @ rows``) and the kernel projects them tile by
+  tile, forward and backward, so the ``(B, L, K, D)`` delta and its gradient never exist in memory.
 * :func:`fused_selective_scan` -- mamba-ssm's ``selective_scan_fn`` layout ``(B, D, L)``, read and written in
   place by the kernel (no transposed, padded or gated copies: each task transposes a W-channel x 64-step tile
   through cache-resident buffers), with the D skip and the ``silu(z)`` gate fused, forward and backward.
