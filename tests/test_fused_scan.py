@@ -553,3 +553,18 @@ def test_fused_multi_scan_low_rank_rejects_bad_weights_and_counts_the_projection
     k, length = index.shape
     flops = count_flops(lambda: fused.fused_multi_scan(x["u"], rows, x["A"], Bm, Cm, index, dt_weight=x["dt_weight"]))
     assert flops == 2 * (9 * length * k * 16 * 3 + length * k * 16 * 2)  # the scan + the dt projection's MACs
+
+
+def test_fused_multi_scan_low_rank_beyond_the_kernels_rank_projects_in_python():
+    """A dt rank above the kernel's limit (``max_rank``) is projected before the scan: same results."""
+    ext = fused.loader.load()
+    rank = ext.max_rank + 1
+    index, leaves = _low_rank_case(1, (2, 3), 16, rank, 1, 1, False, seed=2)
+    rows, Bm, Cm = _split_x_dbl(leaves["x_dbl"], rank, 1, 1)
+    args = (leaves["u"], rows, leaves["A"], Bm, Cm, index)
+    y, last = fused.fused_multi_scan(*args, delta_bias=leaves["bias"], dt_weight=leaves["dt_weight"])
+    delta = torch.einsum("blkr,kcr->blkc", rows, leaves["dt_weight"])
+    y_r, last_r = _map_scan_reference(leaves["u"], delta, leaves["A"], Bm, Cm, index, leaves["bias"],
+                                      torch.zeros_like(leaves["h0"]))
+    torch.testing.assert_close(y, y_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, last_r, rtol=1e-5, atol=1e-5)

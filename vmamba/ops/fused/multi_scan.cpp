@@ -1079,5 +1079,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
   m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
   m.attr("lanes") = W;
+  m.attr("max_rank") = MAX_R;
   m.attr("tile") = TILE;
 }

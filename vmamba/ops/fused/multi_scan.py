@@ -241,6 +241,9 @@ def fused_multi_scan(
                 f"dt_weight must be (K, D, R) = ({delta.shape[2]}, {dim}, {delta.shape[3]}) for rows of shape "
                 f"{tuple(delta.shape)}, got {tuple(dt_weight.shape)}"
             )
+        if dt_weight.shape[2] > load().max_rank:  # beyond the kernel's rank: project here, scan the full delta
+            delta, dt_weight = torch.einsum("blkr,kdr->blkd", delta, dt_weight), None
+    if dt_weight is not None:
         rows = delta.float()
         delta = rows if rows.stride(-1) == 1 else rows.contiguous()
         dt_weight = prep(dt_weight.transpose(1, 2))  # (K, R, D): each rank's channel vector contiguous
