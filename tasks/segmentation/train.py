@@ -43,9 +43,9 @@ from tasks.common.checkpoint import load_state, save_state, save_weights
 from tasks.common.cli import add_config_arguments, add_run_arguments, flag_overrides, run_command
 from tasks.common.config import ConfigError, describe_config, load_config, save_config
 from tasks.common.csv_log import CsvLog
-from tasks.common.optim import fused_kwargs
 from tasks.common.distributed import DistContext, all_reduce_sum, barrier, close_distributed, env_rank, \
     init_distributed
+from tasks.common.optim import fused_kwargs
 from tasks.common.precision import autocast, check_precision, grad_scaler
 from tasks.common.run_files import RunFiles as CommonRunFiles
 from tasks.segmentation.config import DEFAULT_CONFIG, BuiltinData, SegmentationConfig, resolve_config_path

@@ -458,9 +458,10 @@ struct MapBackward : MapLayout {
   const float *dy, *dhT;
   float *du, *ddelta, *dA, *dB, *dC, *dbias, *dh0, *dD;  // dB, dC: this thread's (B, L, K, G, N) partial sums
   mutable vf dDacc;  // sum over steps of dy * u (the D skip's gradient), with Dskip
-  // Low-rank delta: d rows goes to this thread's step-ordered partial (B, K, R, L) (`ddelta`), d dt_weight
-  // is summed over the steps in `dWacc` (R vectors, zeroed by the caller) and stored to dW (B, K, R, D).
-  float* dW;
+  // Low-rank delta (ddelta unused): d rows goes to this thread's step-ordered partial (B, K, R, L) `drows`,
+  // d dt_weight is summed over the steps in `dWacc` (R vectors, zeroed by the caller) and stored to dW
+  // (B, K, R, D).
+  float *drows, *dW;
   vf* dWacc;
   static constexpr bool needs_y = false;
   void prefetch(int64_t t0, int T) const {
@@ -520,7 +521,7 @@ struct MapBackward : MapLayout {
       const vf g = loadv(st.ddt + t * W);
       for (int64_t r = 0; r < R; ++r) dWacc[r] += g * rows[t * R + r];
     }
-    float* part = ddelta + (b * s.K + k) * R * s.L + t0;
+    float* part = drows + (b * s.K + k) * R * s.L + t0;
     for (int tb = 0; tb < T; tb += W) {
       const int count = std::min(W, T - tb);
       transpose_block(st.ddt + tb * W, W, st.ddtT, W);  // ddtT[lane * W + i] = ddt of step tb + i
@@ -940,8 +941,9 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
   const int64_t threads = at::get_num_threads();
   auto du = torch::empty_like(u);  // see first_writer
   // Full delta: d delta with delta's strides (a dense permutation: empty_like keeps them). Low-rank: each
-  // thread's step-ordered d rows (threads, B, K, R, L), put in row order after the parallel region.
-  auto ddelta = s.R ? torch::zeros({threads, s.B, s.K, s.R, s.L}, u.options()) : torch::empty_like(delta);
+  // thread's step-ordered d rows (threads, B, K, R, L), put in map-row order after the parallel region.
+  auto ddelta = s.R ? torch::empty({0}, u.options()) : torch::empty_like(delta);
+  auto drows = s.R ? torch::zeros({threads, s.B, s.K, s.R, s.L}, u.options()) : torch::empty({0}, u.options());
   auto dW = s.R ? torch::empty({s.B, s.K, s.R, s.D}, u.options()) : torch::empty({0}, u.options());
   auto dA = torch::empty({s.B, s.K, s.N, s.D}, u.options());
   auto dB = torch::zeros({threads, s.B, s.L, s.K, s.G, s.N}, u.options());
@@ -960,16 +962,17 @@ std::vector<torch::Tensor> multi_backward(torch::Tensor u, torch::Tensor delta, 
         MapBackward lay{map_task(s, task / s.blocks, task % s.blocks, k, u, delta, A, Bm, Cm, bias, h0, Dskip, index,
                                  dt_weight),
                         dy.data_ptr<float>(), opt(dhT), du.data_ptr<float>(),
-                        ddelta.data_ptr<float>() + (s.R ? slot * rows_part : 0), dA.data_ptr<float>(),
+                        s.R ? nullptr : ddelta.data_ptr<float>(), dA.data_ptr<float>(),
                         dB.data_ptr<float>() + slot * part, dC.data_ptr<float>() + slot * part,
                         dbias.data_ptr<float>(), h0.numel() ? dh0.data_ptr<float>() : nullptr,
                         Dskip.numel() ? dD.data_ptr<float>() : nullptr, splat(0.0f),
-                        s.R ? dW.data_ptr<float>() : nullptr, st.dW.data()};
+                        s.R ? drows.data_ptr<float>() + slot * rows_part : nullptr, s.R ? dW.data_ptr<float>() : nullptr,
+                        st.dW.data()};
         backward_any(lay, s.N, softplus, st,
                      marks.numel() ? marks.data_ptr<float>() + (task * s.K + k) * mark_size : nullptr);
       }
   });
-  if (s.R) ddelta = rows_in_map_order(ddelta, index, s);
+  if (s.R) ddelta = rows_in_map_order(drows, index, s);
   return {du, ddelta, dA, threads == 1 ? dB[0] : dB.sum(0), threads == 1 ? dC[0] : dC.sum(0), dbias, dh0, dD, dW};
 }
 

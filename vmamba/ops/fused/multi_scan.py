@@ -138,10 +138,9 @@ def _backward(ctx, dy: Tensor | None, dlast: Tensor | None, _dmarks: Tensor | No
     grads = torch.ops.vmamba.multi_scan_backward(
         dy, dlast, u, delta, A, Bm, Cm, bias, h0, index, ctx.softplus, marks, D, dt_weight
     )
-    du, ddelta, dA, dB, dC, dbias, dh0, dD, dW = grads
-    present = (u, delta, A, Bm, Cm, bias, h0)
-    grads_in = tuple(g if t is not None else None for g, t in zip((du, ddelta, dA, dB, dC, dbias, dh0), present))
-    return (*grads_in, None, None, None, dD if D is not None else None, dW if dt_weight is not None else None)
+    inputs = (u, delta, A, Bm, Cm, bias, h0, D, dt_weight)  # the differentiable ones, in the op's order
+    g = [grad if t is not None else None for grad, t in zip(grads, inputs)]
+    return (*g[:7], None, None, None, *g[7:])  # no gradient for index, softplus, keep_checkpoints
 
 
 _multi_scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -243,12 +242,12 @@ def fused_multi_scan(
             )
         if dt_weight.shape[2] > load().max_rank:  # beyond the kernel's rank: project here, scan the full delta
             delta, dt_weight = torch.einsum("blkr,kdr->blkd", delta, dt_weight), None
-    if dt_weight is not None:
+    if dt_weight is None:
+        delta = prep_delta(delta)
+    else:
         rows = delta.float()
         delta = rows if rows.stride(-1) == 1 else rows.contiguous()
         dt_weight = prep(dt_weight.transpose(1, 2))  # (K, R, D): each rank's channel vector contiguous
-    else:
-        delta = prep_delta(delta)
     tensors = (u, delta, A, B, C, delta_bias, initial_state, D, dt_weight)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     y, last, _ = torch.ops.vmamba.multi_scan(
