@@ -16,9 +16,9 @@ def fused_kwargs(name: str, params: Iterable[torch.Tensor]) -> dict[str, bool]:
     """``{"fused": True}`` when torch's fused implementation of optimizer ``name`` applies to ``params``
     (Adam / AdamW, floating-point parameters on the CPU or CUDA), else ``{}`` (torch's default).
 
-    The default on the CPU is a Python loop over the tensors: for vmamba_t's 276 parameter tensors an AdamW
-    step took 59 ms there, the fused one 17 ms (Swin-T's 173 tensors: 42 ms and 16 ms), same updates up to
-    float rounding.
+    The default on the CPU is a Python loop over the tensors: measured side by side on a 2-core CPU, the fused
+    step took 0.29x the default's time for vmamba_t's 276 parameter tensors (0.37x for Swin-T's 173), with
+    the same updates up to float rounding.
     """
     if name.lower() not in FUSED_OPTIMIZERS:
         return {}
