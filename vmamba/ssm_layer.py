@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .cross_scan import ScanPattern, cross_merge, cross_scan
 from .mixers import MixerType, create_mixer
+from .ops import depthwise_conv2d_silu
 
 __all__ = ["ConvPlacement", "MultiDirectionSSM"]
 
@@ -137,7 +138,7 @@ class MultiDirectionSSM(nn.Module):
             if tokens is not None:
                 tokens, z_tokens = tokens.chunk(2, dim=-1)
         if self.conv_placement is ConvPlacement.SPATIAL:
-            x = self.act(self.conv(x.movedim(-1, 1))).movedim(1, -1)
+            x = self._spatial_conv(x)
             if tokens is None:
                 y = self.mixer.forward_map(x, self.pattern)  # a mixer's fused scan-mix-merge, if it has one
                 if y is not None:
@@ -158,6 +159,13 @@ class MultiDirectionSSM(nn.Module):
         out = self._output(y, z)
         out = out if self.channels_last else out.movedim(-1, 1)
         return out if y_tokens is None else (out, self._output(y_tokens, z_tokens))
+
+    def _spatial_conv(self, x: Tensor) -> Tensor:
+        """``silu(conv(x))`` on the channels-last map ``x (B, *S, E)``; a 2-D odd-sized kernel ("same" padding)
+        takes the fused channels-last op (:func:`vmamba.ops.depthwise_conv2d_silu`)."""
+        if isinstance(self.conv, nn.Conv2d) and self.conv.kernel_size[0] % 2 == 1 and self.conv.kernel_size[1] % 2 == 1:
+            return depthwise_conv2d_silu(x, self.conv.weight, self.conv.bias)
+        return self.act(self.conv(x.movedim(-1, 1))).movedim(1, -1)
 
     def _output(self, y: Tensor, z: Tensor | None) -> Tensor:
         """Merged ``y (..., E)`` -> ``(..., C)``: mean over directions, out_norm, gate, out_proj."""

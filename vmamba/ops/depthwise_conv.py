@@ -1,5 +1,13 @@
-"""Depthwise 1-D convolution + SiLU over a channels-last sequence: the per-direction conv in front of a
-Mamba scan, computed for a range of output rows (a chunk of a long sequence) without padded copies.
+"""Depthwise convolutions + SiLU in front of a scan, channels last.
+
+:func:`depthwise_conv2d_silu`: VMamba's ``silu(conv2d(x))`` over a ``(B, H, W, C)`` map ("same" padding,
+stride 1). In float32 on the CPU it runs the fused C++ kernel (:mod:`vmamba.ops.fused.dwconv2d_silu`, forward
+and backward: the map is read once per pass, and neither the conv's output nor a SiLU gradient is
+materialised); elsewhere, and as the reference, ``F.conv2d`` then ``F.silu``
+(:func:`depthwise_conv2d_silu_ref`).
+
+:func:`depthwise_conv1d_silu`: the per-direction depthwise 1-D conv + SiLU in front of a Mamba scan,
+computed for a range of output rows (a chunk of a long sequence) without padded copies.
 
 ``out[:, i] = silu(bias + sum_j taps[j] * x[:, start + i + offset + j])`` for ``i < stop - start``, with
 ``x`` zero outside its rows. ``offset = -(w - 1)`` is Mamba's causal conv; ``offset = 0`` with flipped taps
@@ -20,8 +28,41 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused.conv_silu import fused_conv_silu, fused_conv_silu_applies
+from .fused.dwconv2d_silu import fused_dwconv2d_silu, fused_dwconv2d_silu_applies
 
-__all__ = ["depthwise_conv1d_silu", "depthwise_conv1d_silu_ref"]
+__all__ = ["depthwise_conv1d_silu", "depthwise_conv1d_silu_ref", "depthwise_conv2d_silu", "depthwise_conv2d_silu_ref"]
+
+
+def _check_2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1:
+        raise ValueError(
+            f"expected x (B, H, W, C) and a depthwise weight (C, 1, kh, kw), got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if weight.shape[0] != x.shape[3] or (bias is not None and bias.shape != (x.shape[3],)):
+        raise ValueError(f"weight {tuple(weight.shape)} / bias do not match the {x.shape[3]} channels of x")
+    if weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0:
+        raise ValueError(f"'same' padding needs odd kernel sides, got {tuple(weight.shape[2:])}")
+
+
+def depthwise_conv2d_silu_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Pure-PyTorch form of :func:`depthwise_conv2d_silu` (differentiable, any dtype)."""
+    _check_2d(x, weight, bias)
+    padding = (weight.shape[2] // 2, weight.shape[3] // 2)
+    return F.silu(F.conv2d(x.movedim(-1, 1), weight, bias, padding=padding, groups=x.shape[3])).movedim(1, -1)
+
+
+def depthwise_conv2d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x: (B, H, W, C)`` (channels last), ``weight: (C, 1, kh, kw)`` (a depthwise ``nn.Conv2d``'s; odd kh,
+    kw), ``bias: (C,)`` -> ``silu(conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C))`` as
+    ``(B, H, W, C)`` (module docstring).
+
+    Raises:
+        ValueError: shapes that do not match, or an even kernel side.
+    """
+    _check_2d(x, weight, bias)
+    if fused_dwconv2d_silu_applies(x, weight, bias):
+        return fused_dwconv2d_silu(x, weight, bias)
+    return depthwise_conv2d_silu_ref(x, weight, bias)
 
 
 def _check(x: Tensor, taps: Tensor, bias: Tensor | None, start: int, stop: int, offsets: Sequence[int]) -> None:

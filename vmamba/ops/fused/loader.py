@@ -35,6 +35,7 @@ class FusedKernel(str, Enum):
     MULTI_SCAN = "multi_scan"  # the selective scans (multi_scan.cpp)
     RECURRENCE = "recurrence"  # the decayed linear recurrence of GLA / retention / SSD / RWKV-7 (recurrence.cpp)
     CONV_SILU = "conv_silu"  # Mamba's depthwise conv + SiLU over a channels-last sequence, inference (conv_silu.cpp)
+    DWCONV2D_SILU = "dwconv2d_silu"  # VMamba's depthwise 2-D conv + SiLU over a channels-last map, with backward
 
     @property
     def source(self) -> Path:
