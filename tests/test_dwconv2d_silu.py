@@ -11,7 +11,7 @@ from vmamba.ops import depthwise_conv2d_silu, depthwise_conv2d_silu_ref, fused
 from vmamba.ops.fused.dwconv2d_silu import fused_dwconv2d_silu, fused_dwconv2d_silu_applies
 
 try:
-    fused.loader.load(fused.FusedKernel.DWCONV2D_SILU)
+    fused.loader.load(fused.FusedKernel.MULTI_SCAN)
     FUSED_ERROR = None
 except fused.FusedUnavailable as err:  # pragma: no cover - depends on the machine
     FUSED_ERROR = str(err)

@@ -1,5 +1,6 @@
 """Optional fused CPU kernels, compiled just in time from C++ (``torch.utils.cpp_extension``): the selective
-scans (``multi_scan.cpp``), the forward recurrence of GLA / retention / SSD / RWKV-7 for inference
+scans with VMamba's depthwise 2-D conv + SiLU front end, forward and backward (``multi_scan.cpp``,
+``dwconv2d_silu.h``), the forward recurrence of GLA / retention / SSD / RWKV-7 for inference
 (``recurrence.cpp``) and a Mamba block's depthwise conv + SiLU for inference (``conv_silu.cpp``), extensions
 built and cached separately (:class:`FusedKernel`).
 
@@ -27,6 +28,7 @@ from .multi_scan import (
     selective_checkpoints_shape,
 )
 from .conv_silu import fused_conv_silu, fused_conv_silu_applies
+from .dwconv2d_silu import fused_dwconv2d_silu, fused_dwconv2d_silu_applies
 from .recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "fused_recurrence_applies",
     "fused_conv_silu",
     "fused_conv_silu_applies",
+    "fused_dwconv2d_silu",
+    "fused_dwconv2d_silu_applies",
     "MAX_D_STATE",
 ]
 

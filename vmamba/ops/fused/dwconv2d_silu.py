@@ -1,5 +1,6 @@
-"""The fused C++ depthwise 2-D convolution + SiLU (``dwconv2d_silu.cpp``) over a channels-last map, forward and
-backward: VMamba's SS2D front end (``silu(conv(x))`` between in_proj and the scan) in one pass each way.
+"""The fused C++ depthwise 2-D convolution + SiLU (``dwconv2d_silu.h``, built into the scan extension) over a
+channels-last map, forward and backward: VMamba's SS2D front end (``silu(conv(x))`` between in_proj and the
+scan) in one pass each way.
 
 :func:`fused_dwconv2d_silu_applies` is the dispatch rule; :func:`fused_dwconv2d_silu` runs the
 ``vmamba::dwconv2d_silu`` custom op (autograd through ``vmamba::dwconv2d_silu_backward``; both carry the
@@ -27,13 +28,13 @@ def fused_dwconv2d_silu_applies(x: Tensor, weight: Tensor, bias: Tensor | None) 
         return False
     if weight.shape[-2] % 2 == 0 or weight.shape[-1] % 2 == 0 or weight.shape[-2] * weight.shape[-1] > 81:
         return False
-    return use_fused(*tensors, kernel=FusedKernel.DWCONV2D_SILU)
+    return use_fused(*tensors, kernel=FusedKernel.MULTI_SCAN)
 
 
 @torch.library.custom_op("vmamba::dwconv2d_silu", mutates_args=())
 def _dwconv2d_silu_op(x: Tensor, taps: Tensor, bias: Tensor | None) -> Tensor:
     """``x (B, H, W, C)``, ``taps (kh, kw, C)``, ``bias (C,)`` -> ``(B, H, W, C)``."""
-    return load(FusedKernel.DWCONV2D_SILU).forward(x, taps, _EMPTY if bias is None else bias)
+    return load(FusedKernel.MULTI_SCAN).dwconv2d_silu_forward(x, taps, _EMPTY if bias is None else bias)
 
 
 @_dwconv2d_silu_op.register_fake
@@ -44,7 +45,7 @@ def _(x, taps, bias):
 @torch.library.custom_op("vmamba::dwconv2d_silu_backward", mutates_args=())
 def _dwconv2d_silu_backward_op(dy: Tensor, x: Tensor, taps: Tensor, bias: Tensor | None) -> list[Tensor]:
     """Gradients ``[x, taps, bias]`` (an empty tensor for an absent bias)."""
-    dx, dtaps, dbias = load(FusedKernel.DWCONV2D_SILU).backward(
+    dx, dtaps, dbias = load(FusedKernel.MULTI_SCAN).dwconv2d_silu_backward(
         dy.contiguous(), x, taps, _EMPTY if bias is None else bias
     )
     return [dx, dtaps.sum(0), dbias.sum(0) if bias is not None else x.new_empty(0)]

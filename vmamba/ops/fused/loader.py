@@ -32,10 +32,9 @@ class ScanBackend(str, Enum):
 class FusedKernel(str, Enum):
     """The compiled extensions, one per C++ source in this folder (each built and cached on its own)."""
 
-    MULTI_SCAN = "multi_scan"  # the selective scans (multi_scan.cpp)
+    MULTI_SCAN = "multi_scan"  # the selective scans and SS2D's depthwise conv + SiLU (multi_scan.cpp, dwconv2d_silu.h)
     RECURRENCE = "recurrence"  # the decayed linear recurrence of GLA / retention / SSD / RWKV-7 (recurrence.cpp)
     CONV_SILU = "conv_silu"  # Mamba's depthwise conv + SiLU over a channels-last sequence, inference (conv_silu.cpp)
-    DWCONV2D_SILU = "dwconv2d_silu"  # VMamba's depthwise 2-D conv + SiLU over a channels-last map, with backward
 
     @property
     def source(self) -> Path:

@@ -51,6 +51,7 @@
 #include <immintrin.h>
 #endif
 
+#include "dwconv2d_silu.h"
 #include "simd.h"
 #include "threads.h"
 
@@ -1081,6 +1082,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("D") = torch::empty({0}), py::arg("dt_weight") = torch::empty({0}));
   m.def("selective_forward", &selective_forward, "fused selective scan, (B, D, L) layout (forward)");
   m.def("selective_backward", &selective_backward, "fused selective scan, (B, D, L) layout (backward)");
+  m.def("dwconv2d_silu_forward", &vmamba_dwconv2d::dwconv2d_silu_forward,
+        "fused depthwise 2-D conv ('same' padding, odd kernel) + SiLU over a channels-last map");
+  m.def("dwconv2d_silu_backward", &vmamba_dwconv2d::dwconv2d_silu_backward,
+        "gradients of dwconv2d_silu_forward: dx, and per-task dtaps and dbias");
   m.attr("lanes") = W;
   m.attr("max_rank") = MAX_R;
   m.attr("tile") = TILE;

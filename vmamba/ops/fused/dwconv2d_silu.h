@@ -1,5 +1,7 @@
 // Fused depthwise 2-D convolution + SiLU over a channels-last map, forward and backward (VMamba's SS2D front
-// end: in_proj -> depthwise conv -> SiLU -> scan).
+// end: in_proj -> depthwise conv -> SiLU -> scan). Compiled into the scan extension (multi_scan.cpp binds
+// dwconv2d_silu_forward / _backward): a VMamba model needs both, and one extension is one first-use build
+// (this file alone took ~27 s to build as its own extension, almost all of it in the torch headers).
 //
 //     x     (B, H, Wd, C)   float32, contiguous (channels last)
 //     taps  (kh, kw, C)     the conv weight (C, 1, kh, kw) with channels last;  bias (C) or empty
@@ -19,6 +21,8 @@
 // band's own rows in registers and returned per task (the caller sums them: deterministic, no atomics).
 // Compared with oneDNN's depthwise conv followed by a SiLU pass, the map is read once and written once per
 // pass, and the backward needs neither the conv's output nor a separate SiLU-gradient tensor.
+#pragma once
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -30,7 +34,7 @@
 #include "simd.h"
 #include "threads.h"
 
-namespace {
+namespace vmamba_dwconv2d {
 
 using namespace vmamba_simd;
 
@@ -161,7 +165,7 @@ struct Block {
   }
 };
 
-Dims dims(const torch::Tensor& x, const torch::Tensor& taps, const torch::Tensor& bias) {
+inline Dims dims(const torch::Tensor& x, const torch::Tensor& taps, const torch::Tensor& bias) {
   TORCH_CHECK(x.dim() == 4 && taps.dim() == 3, "dwconv2d_silu: x must be (B, H, W, C) and taps (kh, kw, C)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat && taps.scalar_type() == torch::kFloat && x.is_contiguous() &&
                   taps.is_contiguous(),
@@ -187,7 +191,7 @@ Dims dims(const torch::Tensor& x, const torch::Tensor& taps, const torch::Tensor
 
 // Calls f(block) for each channel block of a task, with the block type matching its width and the kernel size.
 template <class F>
-void for_blocks(const Dims& s, F&& f) {
+inline void for_blocks(const Dims& s, F&& f) {
   const bool k3 = s.kh == 3 && s.kw == 3;
   for (int64_t c0 = 0; c0 < s.C; c0 += W) {
     const int64_t nch = std::min<int64_t>(W, s.C - c0);
@@ -198,7 +202,7 @@ void for_blocks(const Dims& s, F&& f) {
   }
 }
 
-torch::Tensor forward(torch::Tensor x, torch::Tensor taps, torch::Tensor bias) {
+inline torch::Tensor dwconv2d_silu_forward(torch::Tensor x, torch::Tensor taps, torch::Tensor bias) {
   const Dims s = dims(x, taps, bias);
   auto y = torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *tp = taps.data_ptr<float>();
@@ -214,7 +218,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor taps, torch::Tensor bias) {
 }
 
 // Returns dx (B, H, W, C), and per task dtaps (tasks, kh, kw, C) and dbias (tasks, C): the caller sums them.
-std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor x, torch::Tensor taps, torch::Tensor bias) {
+inline std::vector<torch::Tensor> dwconv2d_silu_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor taps,
+                                                         torch::Tensor bias) {
   const Dims s = dims(x, taps, bias);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == torch::kFloat && dy.is_contiguous(),
               "dwconv2d_silu: the output gradient must be a contiguous float32 tensor shaped like x");
@@ -237,10 +242,4 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor x, torch::Te
   return {dx, dtaps, dbias};
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("parallel_workers", &vmamba_threads::parallel_workers, "threads that share an at::parallel_for");
-  m.def("forward", &forward, "fused depthwise 2-D conv ('same' padding, odd kernel) + SiLU over a channels-last map");
-  m.def("backward", &backward, "gradients of forward: dx, and per-task dtaps and dbias");
-}
+}  // namespace vmamba_dwconv2d
