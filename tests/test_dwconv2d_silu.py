@@ -125,7 +125,8 @@ def test_ssm_layer_same_on_both_paths(shape):
     and scan kernels as on the pure-PyTorch path."""
     torch.manual_seed(0)
     layer = MultiDirectionSSM(
-        32, pattern="cross2d", mixer_kwargs={"d_state": 1}, expand=1.0, conv="spatial", conv_bias=True, channels_last=True
+        32, pattern="cross2d", mixer_kwargs={"d_state": 1}, expand=1.0, conv="spatial", conv_bias=True,
+        channels_last=True,
     )
     x = torch.randn(*shape, 32, requires_grad=True)
     outs, grads = [], []

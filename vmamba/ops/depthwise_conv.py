@@ -36,7 +36,8 @@ __all__ = ["depthwise_conv1d_silu", "depthwise_conv1d_silu_ref", "depthwise_conv
 def _check_2d(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1:
         raise ValueError(
-            f"expected x (B, H, W, C) and a depthwise weight (C, 1, kh, kw), got {tuple(x.shape)} and {tuple(weight.shape)}"
+            f"expected x (B, H, W, C) and a depthwise weight (C, 1, kh, kw), "
+            f"got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
     if weight.shape[0] != x.shape[3] or (bias is not None and bias.shape != (x.shape[3],)):
         raise ValueError(f"weight {tuple(weight.shape)} / bias do not match the {x.shape[3]} channels of x")

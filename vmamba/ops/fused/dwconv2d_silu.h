@@ -14,13 +14,13 @@
 //     dx[b, h, w, c]  = sum_{i, j} taps[i, j, c] * g[b, h - i + kh / 2, w - j + kw / 2, c]
 //     dtaps[i, j, c]  = sum_{b, h, w} g[b, h, w, c] * x[b, h + i - kh / 2, w + j - kw / 2, c];  dbias = sum g
 //
-// Work is split over (batch item, band of BAND rows); lanes are channels, a task walks its channel blocks
-// one at a time with that block's taps in registers (one zmm each for a 3 x 3 kernel). The backward computes
-// g for its band plus kh / 2 halo rows on each side into a thread-local buffer (the halo is recomputed by
-// the neighbouring band: no synchronisation), then dx from that buffer; dtaps and dbias are summed over the
-// band's own rows in registers and returned per task (the caller sums them: deterministic, no atomics).
-// Compared with oneDNN's depthwise conv followed by a SiLU pass, the map is read once and written once per
-// pass, and the backward needs neither the conv's output nor a separate SiLU-gradient tensor.
+// Work is split over (batch item, band of at most BAND rows); lanes are channels, a task walks its channel
+// blocks one at a time with that block's taps in registers (one zmm each for a 3 x 3 kernel). The backward
+// computes g for its band plus kh / 2 halo rows on each side into a thread-local buffer (the halo is
+// recomputed by the neighbouring band: no synchronisation), then dx from that buffer; dtaps and dbias are
+// summed over the band's own rows in registers and returned per task (the caller sums them: deterministic,
+// no atomics). Compared with oneDNN's depthwise conv followed by a SiLU pass, the map is read once and
+// written once per pass, and the backward needs neither the conv's output nor a separate SiLU-gradient tensor.
 #pragma once
 
 #include <torch/extension.h>
@@ -32,7 +32,6 @@
 #include <vector>
 
 #include "simd.h"
-#include "threads.h"
 
 namespace vmamba_dwconv2d {
 
@@ -70,6 +69,7 @@ struct Block {
   }
   // Map element (h, w) of image `img` (B-major, channels last), this block's lanes.
   const float* at(const float* img, int64_t h, int64_t w) const { return img + (h * s.Wd + w) * s.C + c0; }
+  float* at(float* img, int64_t h, int64_t w) const { return img + (h * s.Wd + w) * s.C + c0; }
 
   // pre-activation at (h, w): bias + the taps over the in-map part of the window. With `window`, the input
   // vectors are kept (zero outside the map) for the taps' gradient.
@@ -108,7 +108,7 @@ struct Block {
     for (int64_t h = r0; h < r1; ++h)
       for (int64_t w = 0; w < s.Wd; ++w) {
         const vf p = pre(img, taps, bias, h, w, nullptr);
-        store(const_cast<float*>(at(out, h, w)), p * vsigmoid(p));
+        store(at(out, h, w), p * vsigmoid(p));
       }
   }
 
@@ -146,7 +146,7 @@ struct Block {
       for (int64_t h = r0; h < r1; ++h)
         for (int64_t w = 0; w < s.Wd; ++w) {
           const vf g = loadv(g_at(h, w));
-          pre(img, taps, bias, h, w, window);  // only the window is used: the compiler drops the sum
+          pre(img, taps, bias, h, w, window);  // for the window (kept in registers; the sum goes unused)
           dbias += g;
           for (int64_t t = 0; t < n; ++t) dtaps[t] += g * window[t];
         }
@@ -160,7 +160,7 @@ struct Block {
         vf acc[2] = {splat(0.0f), splat(0.0f)};
         for (int64_t i = 0; i < KHv; ++i)
           for (int64_t j = 0; j < KWv; ++j) acc[(i * KWv + j) & 1] += taps[i * KWv + j] * loadv(g - i * pitch - j * W);
-        store(const_cast<float*>(at(gx, h, w)), acc[0] + acc[1]);
+        store(at(gx, h, w), acc[0] + acc[1]);
       }
   }
 };
