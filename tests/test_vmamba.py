@@ -583,6 +583,26 @@ def test_channel_mlp_row_blocks_equal_whole_map(monkeypatch, channels_last):
         chunked = mlp(x)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
     assert chunked.shape == x.shape
-    x.requires_grad_(True)
-    mlp(x).sum().backward()  # with autograd the whole-map path runs (and still works with the patched limits)
-    assert x.grad is not None
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channel_mlp_row_blocks_with_autograd(monkeypatch, channels_last):
+    """Training on a large map runs the MLP on even blocks of rows: the same outputs and gradients (input and
+    weights) as the whole-map MLP, in both layouts, with uneven blocks."""
+    import vmamba.blocks as blocks
+
+    mlp = blocks.ChannelMlp(6, 24, channels_last=channels_last).train()
+    x = torch.randn(2, 5, 7, 6) if channels_last else torch.randn(2, 6, 5, 7)
+    dy = torch.randn_like(x)
+    params = [x.requires_grad_(), *mlp.parameters()]
+    whole = mlp(x)
+    whole_grads = torch.autograd.grad(whole, params, dy)
+    monkeypatch.setattr(blocks, "_MLP_CHUNK_ABOVE", 24)  # any map above one token's hidden size
+    monkeypatch.setattr(blocks, "_MLP_GRAD_BLOCK_ELEMENTS", 24 * 8)  # 70 rows in 9 blocks of 8 or 7
+    spy = []
+    monkeypatch.setattr(mlp, "_mlp", lambda rows: spy.append(rows.shape[0]) or blocks.ChannelMlp._mlp(mlp, rows))
+    blocked = mlp(x)
+    assert sorted(set(spy)) == [7, 8] and sum(spy) == 70
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+    for grad, expected in zip(torch.autograd.grad(blocked, params, dy), whole_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
