@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..flops import BACKWARD_MAC_FACTOR, register_macs
-from .loader import FusedKernel, load, use_fused
+from .loader import FusedKernel, load, use_fused_for_dtypes
 
 __all__ = ["fused_dwconv2d_silu", "fused_dwconv2d_silu_applies"]
 
@@ -22,13 +22,14 @@ _EMPTY = torch.empty(0)
 
 def fused_dwconv2d_silu_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """True when every tensor is a CPU float32 tensor (other dtypes keep their own arithmetic on the PyTorch
-    path), the kernel has odd sides (the kernel's "same" padding) and the fused backend is active."""
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if any(t.dtype != torch.float32 for t in tensors):
+    path), the fused backend is active and the kernel has odd sides (its "same" padding) and at most the
+    compiled kernel's ``dwconv2d_max_taps`` taps."""
+    kh, kw = weight.shape[-2:]
+    if kh % 2 == 0 or kw % 2 == 0:
         return False
-    if weight.shape[-2] % 2 == 0 or weight.shape[-1] % 2 == 0 or weight.shape[-2] * weight.shape[-1] > 81:
+    if not use_fused_for_dtypes(x, weight, bias, kernel=FusedKernel.MULTI_SCAN, dtypes=(torch.float32,)):
         return False
-    return use_fused(*tensors, kernel=FusedKernel.MULTI_SCAN)
+    return kh * kw <= load(FusedKernel.MULTI_SCAN).dwconv2d_max_taps
 
 
 @torch.library.custom_op("vmamba::dwconv2d_silu", mutates_args=())

@@ -16,7 +16,7 @@ import torch
 
 __all__ = [
     "ScanBackend", "FusedKernel", "FusedUnavailable", "scan_backend", "set_scan_backend", "forced_scan_backend",
-    "use_fused", "use_fused_inference", "fused_status", "load",
+    "use_fused", "use_fused_for_dtypes", "use_fused_inference", "fused_status", "load",
 ]
 
 _LOG = logging.getLogger("vmamba.ops.fused")
@@ -169,18 +169,25 @@ def use_fused(*tensors: torch.Tensor, kernel: FusedKernel = FusedKernel.MULTI_SC
     return ok
 
 
-def use_fused_inference(
+def use_fused_for_dtypes(
     *tensors: torch.Tensor | None, kernel: FusedKernel, dtypes: tuple[torch.dtype, ...]
 ) -> bool:
-    """:func:`use_fused` for a forward-only kernel: False when an input needs a gradient (the kernel has no
-    backward) or has a dtype outside ``dtypes`` (those keep their own arithmetic on the PyTorch path);
-    ``None`` entries are absent optional inputs."""
+    """:func:`use_fused`, and False when an input has a dtype outside ``dtypes`` (those keep their own
+    arithmetic on the PyTorch path); ``None`` entries are absent optional inputs."""
     present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
     if any(t.dtype not in dtypes for t in present):
         return False
     return use_fused(*present, kernel=kernel)
+
+
+def use_fused_inference(
+    *tensors: torch.Tensor | None, kernel: FusedKernel, dtypes: tuple[torch.dtype, ...]
+) -> bool:
+    """:func:`use_fused_for_dtypes` for a forward-only kernel: also False when an input needs a gradient (the
+    kernel has no backward)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return use_fused_for_dtypes(*tensors, kernel=kernel, dtypes=dtypes)
 
 
 def fused_status(kernel: FusedKernel = FusedKernel.MULTI_SCAN) -> str:

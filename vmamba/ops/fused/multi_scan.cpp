@@ -1086,6 +1086,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused depthwise 2-D conv ('same' padding, odd kernel) + SiLU over a channels-last map");
   m.def("dwconv2d_silu_backward", &vmamba_dwconv2d::dwconv2d_silu_backward,
         "gradients of dwconv2d_silu_forward: dx, and per-task dtaps and dbias");
+  m.attr("dwconv2d_max_taps") = vmamba_dwconv2d::MAX_TAPS;
   m.attr("lanes") = W;
   m.attr("max_rank") = MAX_R;
   m.attr("tile") = TILE;
