@@ -7,13 +7,9 @@ import torch.nn.functional as F
 from vmamba.ops import depthwise_conv1d_silu, depthwise_conv1d_silu_ref
 from vmamba.ops import fused
 from vmamba.ops.fused.conv_silu import fused_conv_silu, fused_conv_silu_applies
+from tests.conftest import needs_fused_kernel
 
-try:
-    fused.loader.load(fused.FusedKernel.CONV_SILU)
-    FUSED_ERROR = None
-except fused.FusedUnavailable as err:  # pragma: no cover - depends on the machine
-    FUSED_ERROR = str(err)
-needs_fused = pytest.mark.skipif(FUSED_ERROR is not None, reason=f"conv_silu kernel cannot be built: {FUSED_ERROR}")
+needs_fused = needs_fused_kernel(fused.FusedKernel.CONV_SILU)
 
 
 def _conv1d_silu(x, taps, bias, start, stop, offset):

@@ -9,13 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from vmamba import MultiDirectionSSM
 from vmamba.ops import depthwise_conv2d_silu, depthwise_conv2d_silu_ref, fused
 from vmamba.ops.fused.dwconv2d_silu import fused_dwconv2d_silu, fused_dwconv2d_silu_applies
+from tests.conftest import fused_kernel_error, needs_fused_kernel
 
-try:
-    fused.loader.load(fused.FusedKernel.MULTI_SCAN)
-    FUSED_ERROR = None
-except fused.FusedUnavailable as err:  # pragma: no cover - depends on the machine
-    FUSED_ERROR = str(err)
-needs_fused = pytest.mark.skipif(FUSED_ERROR is not None, reason=f"dwconv2d_silu kernel cannot be built: {FUSED_ERROR}")
+FUSED_ERROR = fused_kernel_error(fused.FusedKernel.MULTI_SCAN)
+needs_fused = needs_fused_kernel(fused.FusedKernel.MULTI_SCAN)
 
 
 def _loop_conv2d_silu(x, weight, bias):

@@ -6,14 +6,9 @@ from vmamba import cross_merge, cross_scan
 from vmamba.cross_scan import scan_indices
 from vmamba.ops import fused
 from vmamba.ops.selective_scan import selective_scan_ref
+from tests.conftest import needs_fused_kernel
 
-try:
-    fused.loader.load()
-    FUSED_ERROR = None
-except fused.FusedUnavailable as err:  # pragma: no cover - depends on the machine
-    FUSED_ERROR = str(err)
-
-pytestmark = pytest.mark.skipif(FUSED_ERROR is not None, reason=f"fused kernels cannot be built here: {FUSED_ERROR}")
+pytestmark = needs_fused_kernel(fused.FusedKernel.MULTI_SCAN)
 
 
 def _inputs(batch, dim, d_state, length, groups, dtype=torch.float32):
