@@ -2,10 +2,12 @@
 
 Each case draws its shapes and options from a fixed seed, runs them in float32 on one scan backend and
 compares with the float64 pure-PyTorch result: the selective scan against its plain loop reference
-(outputs, last state, every input gradient) and a whole :class:`MultiDirectionSSM` layer with the Mamba
-mixer (output, input and every parameter gradient) over 1-D, 2-D and 3-D maps, odd and non-square sizes,
-channel counts that are not a multiple of the SIMD width, d_state 1 to 17, grouped B / C, with and
-without gate, D skip, bias, initial state, softplus, out_norm, conv placement and layout.
+(outputs, last state, every input gradient) and a whole :class:`MultiDirectionSSM` layer (output, input and
+every parameter gradient; for the other mixers also the no-grad output, which takes their inference
+kernels) over 1-D, 2-D and 3-D maps, odd, non-square and length-1 sizes, channel counts that are not a
+multiple of the SIMD width, d_state 1 to 17, grouped B / C, heads, chunk sizes that do and do not divide
+the length, with and without gate, D skip, bias, initial state, softplus, out_norm, conv placement and
+layout.
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ BACKENDS = [
     pytest.param(ScanBackend.FUSED, id="fused", marks=needs_fused_kernel(FusedKernel.MULTI_SCAN)),
 ]
 RTOL = 1e-4  # max |error| / max |reference|, per tensor (float32 against float64)
+# Denominator floor: some gradients are zero in exact arithmetic (a decay's, with a length-1 sequence and
+# no initial state) and come out as float32 rounding noise (~1e-9) against float64's ~1e-18.
+SCALE_FLOOR = 1e-4
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(SCALE_FLOOR)).item()
 
 
 def _assert_close_all(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], case: object) -> None:
@@ -124,23 +129,41 @@ class LayerCase:
     options: dict
 
     @staticmethod
-    def draw(seed: int) -> LayerCase:
-        rng = random.Random(1000 + seed)
+    def draw(seed: int, mixer: str) -> LayerCase:
+        """A Mamba case (``mixer="mamba"``) or one of the other four mixers (``mixer="other"``: cycled by
+        ``seed``, so that every four seeds cover each of them once)."""
+        rng = random.Random(f"{mixer}-{seed}")
         pattern = rng.choice(["bi1d", "cross2d", "cross2d", "cross3d"])
+        if mixer != "mamba":
+            mixer = ("mamba2", "retnet", "gla", "rwkv7")[seed % 4]
         if pattern == "bi1d":
             spatial = (rng.choice([1, 2, 17, 64, 65, 130]),)
         elif pattern == "cross2d":
             spatial = (rng.choice([1, 2, 5, 7, 12]), rng.choice([1, 3, 6, 9]))
         else:
             spatial = tuple(rng.choice([1, 2, 3, 5]) for _ in range(3))
-        dim = rng.choice([3, 8, 16, 20, 33])
+        if mixer == "mamba":
+            dim = rng.choice([3, 8, 16, 20, 33])
+            # d_inner >= 4: a LayerNorm over 2 channels is too ill-conditioned to compare float32 with float64
+            expand = rng.choice([0.5, 1.0, 2.0]) if dim > 3 else 2.0
+            mixer_kwargs = dict(d_state=rng.choice([1, 1, 4, 16]), dt_rank=rng.choice([None, 1, 5]))
+        else:
+            dim, expand = rng.choice([8, 16, 24, 48]), 1.0
+            heads = rng.choice([h for h in (1, 2, 4, 8) if dim % h == 0])
+            chunk = rng.choice([4, 8, 16, 64])
+            mixer_kwargs = {
+                "mamba2": dict(d_state=rng.choice([1, 4, 16]), head_dim=dim // heads, chunk_size=chunk),
+                "retnet": dict(num_heads=heads, head_k_dim=rng.choice([4, 8]), chunk_size=chunk),
+                "gla": dict(num_heads=heads, head_k_dim=rng.choice([4, 8]), chunk_size=chunk),
+                "rwkv7": dict(num_heads=heads, head_k_dim=rng.choice([4, 8])),
+            }[mixer]
         conv = rng.choice(["spatial", "spatial", "none"] + (["causal"] if pattern == "bi1d" else []))
         options = dict(
             dim=dim,
             pattern=pattern,
-            # d_inner >= 4: a LayerNorm over 2 channels is too ill-conditioned to compare float32 with float64
-            expand=rng.choice([0.5, 1.0, 2.0]) if dim > 3 else 2.0,
-            mixer_kwargs=dict(d_state=rng.choice([1, 1, 4, 16]), dt_rank=rng.choice([None, 1, 5])),
+            mixer=mixer,
+            expand=expand,
+            mixer_kwargs=mixer_kwargs,
             conv=conv,
             conv_kernel=rng.choice([2, 4]) if conv == "causal" else rng.choice([1, 3, 5]),
             conv_bias=rng.random() < 0.5,
@@ -151,30 +174,43 @@ class LayerCase:
         return LayerCase(pattern=pattern, spatial=spatial, batch=rng.randint(1, 2), options=options)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("seed", range(16))
-def test_multi_direction_ssm_random_case_matches_float64(seed: int, backend: ScanBackend) -> None:
-    case = LayerCase.draw(seed)
+def _layer_outputs(case: LayerCase, seed: int, backend: ScanBackend, dtype: torch.dtype, grad: bool):
+    """Output (and with ``grad`` the input and parameter gradients) of the case's layer, its parameters
+    drawn from ``seed`` and moved off their initial values (zero biases, unit norms, ...)."""
     torch.manual_seed(seed)
-    reference = MultiDirectionSSM(**case.options).double()
-    with torch.no_grad():  # move every parameter off its initial value (zero biases, unit norms, ...)
-        for p in reference.parameters():
+    layer = MultiDirectionSSM(**case.options)
+    with torch.no_grad():
+        for p in layer.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    layer = layer.double().to(dtype)  # rounded from the same float32 draw for both dtypes
     dim = case.options["dim"]
     shape = (case.batch, *case.spatial, dim) if case.options["channels_last"] else (case.batch, dim, *case.spatial)
-    x = torch.randn(shape, dtype=torch.float64)
-    weight = torch.randn(shape, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+    weight = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    with forced_scan_backend(backend), torch.set_grad_enabled(grad):
+        y = layer(x)
+        if not grad:
+            return {"y": y.double()}
+        (y * weight).sum().backward()
+    grads = {f"d_{name}": p.grad.double() for name, p in layer.named_parameters() if p.grad is not None}
+    return {"y": y.double(), "d_x": x.grad.double(), **grads}
 
-    def run(dtype: torch.dtype, scan_backend: ScanBackend) -> dict[str, torch.Tensor]:
-        layer = MultiDirectionSSM(**case.options).to(dtype)
-        layer.load_state_dict(reference.state_dict())
-        xi = x.detach().to(dtype).clone().requires_grad_()
-        with forced_scan_backend(scan_backend):
-            y = layer(xi)
-            (y * weight.to(dtype)).sum().backward()
-        grads = {f"d_{name}": p.grad.double() for name, p in layer.named_parameters() if p.grad is not None}
-        return {"y": y.double(), "d_x": xi.grad.double(), **grads}
 
-    ref = run(torch.float64, ScanBackend.TORCH)
-    out = run(torch.float32, backend)
-    _assert_close_all(out, ref, case)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(16))
+def test_multi_direction_ssm_mamba_random_case_matches_float64(seed: int, backend: ScanBackend) -> None:
+    case = LayerCase.draw(seed, "mamba")
+    ref = _layer_outputs(case, seed, ScanBackend.TORCH, torch.float64, grad=True)
+    _assert_close_all(_layer_outputs(case, seed, backend, torch.float32, grad=True), ref, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
+@pytest.mark.parametrize("seed", range(12))
+def test_multi_direction_ssm_other_mixers_random_case_matches_float64(
+    seed: int, grad: bool, backend: ScanBackend
+) -> None:
+    case = LayerCase.draw(seed, "other")
+    ref = _layer_outputs(case, seed, ScanBackend.TORCH, torch.float64, grad=grad)
+    _assert_close_all(_layer_outputs(case, seed, backend, torch.float32, grad=grad), ref, case)
