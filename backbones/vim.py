@@ -89,13 +89,16 @@ class VimPatchEmbed(nn.Module):
     """Image -> patch tokens by a strided convolution (``stride < patch_size`` gives overlapping patches).
 
     ``(B, in_chans, H, W) -> (B, Gh * Gw, embed_dim)`` in row-major ``(h, w)`` order, with
-    ``G = (size - patch_size) // stride + 1`` per axis. Sizes that leave pixels over raise ``ValueError``.
+    ``G = (size - patch_size) // stride + 1`` per axis. Sizes that leave pixels over raise ``ValueError``,
+    unless ``dynamic_img_pad`` pads them (zeros at the bottom / right, as timm's ``PatchEmbed``) up to the
+    next size the grid takes.
 
     Args:
         img_size: the size the model is built for (sets the position-embedding grid).
         patch_size, stride: the convolution's kernel and stride.
         in_chans, embed_dim: input channels and token width.
         strict_img_size: inputs must have exactly ``img_size`` (``False`` for dynamic image sizes).
+        dynamic_img_pad: zero-pad inputs that do not fit the patch grid instead of raising.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class VimPatchEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 192,
         strict_img_size: bool = True,
+        dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size = _pair(patch_size, "patch_size")
@@ -113,14 +117,28 @@ class VimPatchEmbed(nn.Module):
         self.img_size = _pair(img_size, "img_size")
         self.in_chans = in_chans
         self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.grid_size = self.feat_size(self.img_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
 
+    def padded_size(self, img_size: Sequence[int]) -> tuple[int, int]:
+        """``(H, W)`` after ``dynamic_img_pad``'s padding: per axis the smallest ``patch + k * stride`` that is
+        at least the size (the size itself without ``dynamic_img_pad``)."""
+        if not self.dynamic_img_pad:
+            return int(img_size[0]), int(img_size[1])
+        padded = [
+            patch + max(0, -(-(int(size) - patch) // stride)) * stride
+            for size, patch, stride in zip(img_size, self.patch_size, self.stride)
+        ]
+        return padded[0], padded[1]
+
     def feat_size(self, img_size: Sequence[int]) -> tuple[int, int]:
-        """The patch grid ``(Gh, Gw)`` of an ``(H, W)`` image; ``ValueError`` when the grid cannot take it."""
+        """The patch grid ``(Gh, Gw)`` of an ``(H, W)`` image (after ``dynamic_img_pad``'s padding);
+        ``ValueError`` when the grid cannot take it."""
         grid = []
-        for size, patch, stride, axis in zip(img_size, self.patch_size, self.stride, ("height", "width")):
+        sizes = self.padded_size(img_size)
+        for size, patch, stride, axis in zip(sizes, self.patch_size, self.stride, ("height", "width")):
             if size < patch or (size - patch) % stride:
                 raise ValueError(
                     f"image {axis} {size} does not fit the patch grid (patch {patch}, stride {stride}): it must be "
@@ -138,6 +156,9 @@ class VimPatchEmbed(nn.Module):
                 "model with that img_size or with dynamic_img_size=True"
             )
         self.feat_size(x.shape[-2:])
+        height, width = self.padded_size(x.shape[-2:])
+        if (height, width) != tuple(x.shape[-2:]):
+            x = F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -376,6 +397,8 @@ class Vim(nn.Module):
         mixer_kwargs: extra mixer arguments.
         class_token: use the middle class token (required by ``global_pool="token"``).
         dynamic_img_size: accept any input size the patch grid takes, resampling the position embedding.
+        dynamic_img_pad: zero-pad (bottom / right) an input the patch grid cannot take to the next size it
+            can, instead of raising (timm's ViT option; use with ``dynamic_img_size``).
         norm_eps: RMSNorm epsilon.
         drop_rate: dropout before the head.
         pos_drop_rate: dropout after adding the position embedding (the official ``drop_rate``).
@@ -409,6 +432,7 @@ class Vim(nn.Module):
         mixer_kwargs: dict[str, Any] | None = None,
         class_token: bool = True,
         dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
         norm_eps: float = 1e-5,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
@@ -432,7 +456,8 @@ class Vim(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = VimPatchEmbed(
-            img_size, patch_size, stride, in_chans, embed_dim, strict_img_size=not dynamic_img_size
+            img_size, patch_size, stride, in_chans, embed_dim, strict_img_size=not dynamic_img_size,
+            dynamic_img_pad=dynamic_img_pad,
         )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None

@@ -513,6 +513,24 @@ def test_every_mixer_or_a_clear_error(kind: MixerType) -> None:
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
+@pytest.mark.parametrize("stride", [16, 8])
+@pytest.mark.parametrize("size", [(70, 50), (8, 97), (64, 80)])
+def test_dynamic_img_pad_equals_the_explicitly_zero_padded_image(stride: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    padded_model = small_vim(stride=stride, dynamic_img_size=True, dynamic_img_pad=True)
+    plain = small_vim(stride=stride, dynamic_img_size=True)
+    plain.load_state_dict(padded_model.state_dict())
+    x = torch.randn(2, 3, *size)
+    # the next size the grid takes, per axis: 16 + k * stride >= size
+    target = [16 + max(0, math.ceil((s - 16) / stride)) * stride for s in size]
+    x_padded = F.pad(x, (0, target[1] - size[1], 0, target[0] - size[0]))
+    with torch.no_grad():
+        torch.testing.assert_close(padded_model(x), plain(x_padded))
+        feats = padded_model.forward_intermediates(x, indices=1, intermediates_only=True)
+    grid = [(t - 16) // stride + 1 for t in target]
+    assert tuple(feats[0].shape) == (2, 16, *grid)
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors() -> None:
     model = small_vim()
