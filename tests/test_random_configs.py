@@ -12,6 +12,7 @@ layout.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -96,7 +97,12 @@ class ScanCase:
         return out
 
 
-def _scan_and_grads(fn, leaves: dict[str, torch.Tensor], softplus: bool, dtype: torch.dtype):
+def _scan_and_grads(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], leaves: dict[str, torch.Tensor], softplus: bool,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """``fn`` (a selective scan) on ``leaves`` cast to ``dtype``: output, last state and every leaf's gradient
+    of a fixed random projection of both, in float64."""
     xs = {name: t.detach().to(dtype).requires_grad_() for name, t in leaves.items()}
     y, last = fn(
         xs["u"], xs["delta"], xs["A"], xs["B"], xs["C"], D=xs.get("D"), z=xs.get("z"),
@@ -174,7 +180,9 @@ class LayerCase:
         return LayerCase(pattern=pattern, spatial=spatial, batch=rng.randint(1, 2), options=options)
 
 
-def _layer_outputs(case: LayerCase, seed: int, backend: ScanBackend, dtype: torch.dtype, grad: bool):
+def _layer_outputs(
+    case: LayerCase, seed: int, backend: ScanBackend, dtype: torch.dtype, grad: bool
+) -> dict[str, torch.Tensor]:
     """Output (and with ``grad`` the input and parameter gradients) of the case's layer, its parameters
     drawn from ``seed`` and moved off their initial values (zero biases, unit norms, ...)."""
     torch.manual_seed(seed)
@@ -197,20 +205,20 @@ def _layer_outputs(case: LayerCase, seed: int, backend: ScanBackend, dtype: torc
     return {"y": y.double(), "d_x": x.grad.double(), **grads}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("seed", range(16))
-def test_multi_direction_ssm_mamba_random_case_matches_float64(seed: int, backend: ScanBackend) -> None:
-    case = LayerCase.draw(seed, "mamba")
-    ref = _layer_outputs(case, seed, ScanBackend.TORCH, torch.float64, grad=True)
-    _assert_close_all(_layer_outputs(case, seed, backend, torch.float32, grad=True), ref, case)
+# (mixer family, seed, with gradients): 16 Mamba cases (training), 12 cases of the other mixers, each for
+# training and for inference (the no-grad output takes their inference kernels).
+LAYER_CASES = [pytest.param("mamba", seed, True, id=f"mamba-{seed}") for seed in range(16)] + [
+    pytest.param("other", seed, grad, id=f"other-{seed}-{'train' if grad else 'inference'}")
+    for seed in range(12)
+    for grad in (True, False)
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("grad", [True, False], ids=["train", "inference"])
-@pytest.mark.parametrize("seed", range(12))
-def test_multi_direction_ssm_other_mixers_random_case_matches_float64(
-    seed: int, grad: bool, backend: ScanBackend
+@pytest.mark.parametrize(("family", "seed", "grad"), LAYER_CASES)
+def test_multi_direction_ssm_random_case_matches_float64(
+    family: str, seed: int, grad: bool, backend: ScanBackend
 ) -> None:
-    case = LayerCase.draw(seed, "other")
+    case = LayerCase.draw(seed, family)
     ref = _layer_outputs(case, seed, ScanBackend.TORCH, torch.float64, grad=grad)
     _assert_close_all(_layer_outputs(case, seed, backend, torch.float32, grad=grad), ref, case)

@@ -56,7 +56,7 @@ inline vf times_pow2(vf p, vf k) {
 #endif
 
 // 1 / x: AVX-512's 14-bit reciprocal estimate refined by one Newton step (relative error about 2^-23, like a
-// division, at a fraction of vdivps's cost: the division was the bottleneck of the SiLU in dwconv2d_silu.cpp);
+// division, at a fraction of vdivps's cost: the division was the bottleneck of the SiLU in dwconv2d_silu.h);
 // elsewhere a division.
 #if defined(__AVX512F__) && VMAMBA_LANES == 16
 inline vf vrecip(vf x) {
