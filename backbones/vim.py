@@ -61,6 +61,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vmamba.blocks import add_drop_path
 from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
 from vmamba.ops import depthwise_conv1d_silu
@@ -211,7 +212,7 @@ class VimBlock(nn.Module):
     def forward(self, x: Tensor, grid_size: tuple[int, int], cls_index: int | None) -> Tensor:
         # The residual stays in x's dtype (float32); the norm runs in the weights' dtype, as the official code.
         h = self.norm(x.to(self.norm.weight.dtype))
-        return x + self.drop_path(self.mix(h, grid_size, cls_index))
+        return add_drop_path(x, self.mix(h, grid_size, cls_index), self.drop_path)
 
     def mix(self, h: Tensor, grid_size: tuple[int, int], cls_index: int | None) -> Tensor:
         """``h: (B, N, C) -> (B, N, C)``: the mixer over the tokens, class token as in the module docstring.

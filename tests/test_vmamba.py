@@ -606,3 +606,33 @@ def test_channel_mlp_row_blocks_with_autograd(monkeypatch, channels_last):
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
     for grad, expected in zip(torch.autograd.grad(blocked, params, dy), whole_grads):
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("drop_prob, scale_by_keep", [(0.3, True), (0.5, False), (1.0, True), (0.0, True)])
+@pytest.mark.parametrize("shape", [(4, 5, 3, 8), (3, 7)])
+def test_add_drop_path_equals_timm_drop_path(drop_prob, scale_by_keep, shape):
+    """add_drop_path(x, y, DropPath) is x + DropPath(y): the same per-sample draws (same seed), values and
+    gradients, in training (samples kept and dropped) and in eval; an nn.Identity is a plain add."""
+    from timm.layers import DropPath
+
+    from vmamba.blocks import add_drop_path
+
+    drop = DropPath(drop_prob, scale_by_keep=scale_by_keep)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    for training in (True, False):
+        drop.train(training)
+        torch.manual_seed(3)
+        expected = x + drop(y)
+        torch.manual_seed(3)
+        out = add_drop_path(x, y, drop)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+        dy = torch.randn(shape, dtype=torch.float64)
+        for grad, ref in zip(torch.autograd.grad(out, (x, y), dy), torch.autograd.grad(expected, (x, y), dy)):
+            torch.testing.assert_close(grad, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(add_drop_path(x, y, torch.nn.Identity()), x + y)
+    if shape[0] == 4 and 0.0 < drop_prob < 1.0:  # the cases above cover both kinds of sample
+        drop.train()
+        torch.manual_seed(3)
+        kept = [not torch.equal(row, x[i]) for i, row in enumerate(add_drop_path(x, y, drop))]
+        assert any(kept) and not all(kept)

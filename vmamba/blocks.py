@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from .cross_scan import ScanPattern
 from .mixers import MixerType
+from .ops.linear_gelu import linear_gelu
 from .ssm_layer import ConvPlacement, MultiDirectionSSM
 
-__all__ = ["LayerNormNd", "ChannelMlp", "VSSBlock", "default_pattern"]
+__all__ = ["LayerNormNd", "ChannelMlp", "VSSBlock", "add_drop_path", "default_pattern"]
 
 # ChannelMlp on maps whose hidden activation exceeds _MLP_CHUNK_ABOVE elements (32 MiB in float32, glibc's
 # largest mmap threshold): without autograd, blocks of rows holding about _MLP_CHUNK_ELEMENTS hidden elements
@@ -34,6 +35,23 @@ def default_pattern(spatial_dims: int) -> ScanPattern:
         return {1: ScanPattern.BI1D, 2: ScanPattern.CROSS2D, 3: ScanPattern.CROSS3D}[spatial_dims]
     except KeyError:
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}") from None
+
+
+def add_drop_path(x: Tensor, branch: Tensor, drop_path: nn.Module) -> Tensor:
+    """``x + drop_path(branch)`` (a residual connection with stochastic depth), same shapes in and out.
+
+    With an active timm ``DropPath`` the per-sample scale (1 / (1 - p) with probability 1 - p, else 0) is drawn
+    exactly as ``DropPath`` draws it and applied by the add itself (``torch.addcmul``): one pass over the
+    tensors instead of a multiply pass and an add pass. Any other module (``nn.Identity``, an inactive or
+    custom drop path) is called as it is.
+    """
+    if type(drop_path) is not DropPath or not drop_path.training or drop_path.drop_prob == 0.0:
+        return x + drop_path(branch)
+    keep = 1.0 - drop_path.drop_prob
+    scale = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep)
+    if keep > 0.0 and drop_path.scale_by_keep:
+        scale.div_(keep)
+    return torch.addcmul(x, branch, scale)
 
 
 class LayerNormNd(nn.LayerNorm):
@@ -58,7 +76,10 @@ class LayerNormNd(nn.LayerNorm):
 class ChannelMlp(nn.Module):
     """Two-layer pointwise MLP: ``(B, C, *S) -> (B, C, *S)``, or ``(B, *S, C)`` when ``channels_last``.
 
-    Weights are stored as ``nn.Linear`` (out, in), matching the official VMamba Linear2d keys.
+    Weights are stored as ``nn.Linear`` (out, in), matching the official VMamba Linear2d keys. ``fc1`` and the
+    GELU run as one op (:func:`vmamba.ops.linear_gelu`: a bias-free GEMM, then the fused bias + GELU kernel in
+    float32 on the CPU), so ``fc1`` and ``act`` (which holds the GELU's ``approximate`` setting) are not called as
+    modules and hooks on them do not fire; a forward pre-hook on ``fc2`` sees the hidden activation.
     """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, channels_last: bool = False) -> None:
@@ -85,7 +106,8 @@ class ChannelMlp(nn.Module):
 
     def _mlp(self, x: Tensor) -> Tensor:
         """``(..., C) -> (..., C)``: fc1, GELU, fc2 (with dropout)."""
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = linear_gelu(x, self.fc1.weight, self.fc1.bias, approximate=self.act.approximate)
+        return self.drop(self.fc2(self.drop(hidden)))
 
     def _forward_row_blocks(self, x: Tensor) -> Tensor:
         """A large map with autograd, ``(..., C) -> (..., C)``: the MLP on even blocks of rows whose hidden
@@ -115,7 +137,7 @@ class ChannelMlp(nn.Module):
         rows = max(1, _MLP_CHUNK_ELEMENTS // self.fc1.out_features)
         approximate = self.act.approximate
         for start in range(0, flat.shape[0], rows):
-            h = F.gelu(F.linear(flat[start : start + rows], self.fc1.weight, self.fc1.bias), approximate=approximate)
+            h = linear_gelu(flat[start : start + rows], self.fc1.weight, self.fc1.bias, approximate=approximate)
             torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[start : start + rows])
         return out.view(*x.shape[:-1], -1)
 
@@ -179,7 +201,7 @@ class VSSBlock(nn.Module):
         self.mlp = ChannelMlp(dim, int(dim * mlp_ratio), channels_last=channels_last) if mlp_ratio > 0 else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
+        x = add_drop_path(x, self.op(self.norm(x)), self.drop_path)
         if self.mlp is not None:
-            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            x = add_drop_path(x, self.mlp(self.norm2(x)), self.drop_path)
         return x

@@ -1,8 +1,8 @@
 """Optional fused CPU kernels, compiled just in time from C++ (``torch.utils.cpp_extension``): the selective
-scans with VMamba's depthwise 2-D conv + SiLU front end, forward and backward (``multi_scan.cpp``,
-``dwconv2d_silu.h``), the forward recurrence of GLA / retention / SSD / RWKV-7 for inference
-(``recurrence.cpp``) and a Mamba block's depthwise conv + SiLU for inference (``conv_silu.cpp``), extensions
-built and cached separately (:class:`FusedKernel`).
+scans with VMamba's depthwise 2-D conv + SiLU front end and its MLP's bias + GELU, forward and backward
+(``multi_scan.cpp``, ``dwconv2d_silu.h``, ``bias_gelu.h``), the forward recurrence of GLA / retention / SSD /
+RWKV-7 for inference (``recurrence.cpp``) and a Mamba block's depthwise conv + SiLU for inference
+(``conv_silu.cpp``), extensions built and cached separately (:class:`FusedKernel`).
 
 The pure-PyTorch ops stay the reference and the fallback. Which path runs is chosen by
 :func:`vmamba.ops.fused.scan_backend` from the ``VMAMBA_SCAN_BACKEND`` environment variable
@@ -29,6 +29,7 @@ from .multi_scan import (
 )
 from .conv_silu import fused_conv_silu, fused_conv_silu_applies
 from .dwconv2d_silu import fused_dwconv2d_silu, fused_dwconv2d_silu_applies
+from .bias_gelu import fused_bias_gelu, fused_bias_gelu_applies
 from .recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = [
@@ -51,6 +52,8 @@ __all__ = [
     "fused_conv_silu_applies",
     "fused_dwconv2d_silu",
     "fused_dwconv2d_silu_applies",
+    "fused_bias_gelu",
+    "fused_bias_gelu_applies",
     "MAX_D_STATE",
 ]
 

@@ -32,7 +32,9 @@ class ScanBackend(str, Enum):
 class FusedKernel(str, Enum):
     """The compiled extensions, one per C++ source in this folder (each built and cached on its own)."""
 
-    MULTI_SCAN = "multi_scan"  # the selective scans and SS2D's depthwise conv + SiLU (multi_scan.cpp, dwconv2d_silu.h)
+    # the selective scans, SS2D's depthwise conv + SiLU and the MLP's bias + GELU (multi_scan.cpp,
+    # dwconv2d_silu.h, bias_gelu.h)
+    MULTI_SCAN = "multi_scan"
     RECURRENCE = "recurrence"  # the decayed linear recurrence of GLA / retention / SSD / RWKV-7 (recurrence.cpp)
     CONV_SILU = "conv_silu"  # Mamba's depthwise conv + SiLU over a channels-last sequence, inference (conv_silu.cpp)
 

@@ -51,6 +51,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bias_gelu.h"
 #include "dwconv2d_silu.h"
 #include "simd.h"
 #include "threads.h"
@@ -1086,6 +1087,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused depthwise 2-D conv ('same' padding, odd kernel) + SiLU over a channels-last map");
   m.def("dwconv2d_silu_backward", &vmamba_dwconv2d::dwconv2d_silu_backward,
         "gradients of dwconv2d_silu_forward: dx, and per-task dtaps and dbias");
+  m.def("bias_gelu_forward", &vmamba_bias_gelu::bias_gelu_forward,
+        "gelu(pre + bias) (exact GELU) over the rows of a contiguous float32 matrix");
+  m.def("bias_gelu_backward", &vmamba_bias_gelu::bias_gelu_backward,
+        "gradients of bias_gelu_forward: dpre and dbias");
   m.attr("dwconv2d_max_taps") = vmamba_dwconv2d::MAX_TAPS;
   m.attr("lanes") = W;
   m.attr("max_rank") = MAX_R;

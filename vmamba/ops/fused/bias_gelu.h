@@ -1,0 +1,137 @@
+// Fused bias + exact (erf) GELU over the rows of a matrix, forward and backward: the hidden layer of a
+// transformer-style MLP after its first GEMM (h = gelu(x @ W^T + b) with the GEMM run bias-free by the
+// caller). Compiled into the scan extension (multi_scan.cpp binds bias_gelu_forward / _backward): a VMamba
+// model needs both, and one extension is one first-use build.
+//
+//     pre   (M, H)   float32, contiguous: the bias-free GEMM output (kept by the caller for the backward)
+//     bias  (H)      float32
+//     h     (M, H):  h = gelu(pre + bias) = v * Phi(v),  v = pre + bias,  Phi the standard normal CDF
+//
+// Backward:  dpre = dh * gelu'(v) = dh * (Phi(v) + v * phi(v)),  dbias = sum over rows of dpre.
+//
+// Phi comes from Abramowitz & Stegun 7.1.26 (|erf error| <= 1.5e-7), the formula of ATen's vectorised erf,
+// written for the tail so that it needs no cancellation: with t = 1 / (1 + p |v| / sqrt 2) and
+// E = exp(-v^2 / 2),  1 - Phi(|v|) = t P(t) E / 2  and  Phi(-|v|) = t P(t) E / 2. The same E gives
+// phi(v) = E / sqrt(2 pi), so the backward costs one exp per element where ATen's gelu_backward takes two
+// (one inside erf, one for phi) and a separate pass (a column sum) for the bias gradient; the forward adds the
+// bias in the same pass, so the GEMM needs no bias copy into its output.
+//
+// Work is split over blocks of rows; lanes are columns. dbias is summed per thread in a (threads, H) buffer
+// and those rows are added by the caller's thread (a fixed order for a given thread count; no atomics).
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace vmamba_bias_gelu {
+
+using namespace vmamba_simd;
+
+// Phi(v) and v * phi(v) (the second is the extra term of the derivative).
+inline void normal_cdf_pdf(vf v, vf& cdf, vf& v_pdf) {
+  constexpr float p = 0.3275911f * 0.70710678118654752f;  // A&S's p, for erf(|v| / sqrt 2)
+  const vf t = vrecip(1.0f + p * vmax(v, -v));
+  vf poly = splat(1.061405429f);
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const vf e = vexp(-0.5f * v * v);
+  const vf tail = 0.5f * (t * poly * e);  // Phi(-|v|) = 1 - Phi(|v|)
+  cdf = v >= 0.0f ? 1.0f - tail : tail;
+  v_pdf = v * (e * 0.3989422804014327f);  // phi(v) = E / sqrt(2 pi)
+}
+
+// Rows of at least ~16 K elements per task, so short matrices run on one thread.
+inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(H, 1)); }
+
+inline void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), "bias_gelu: ", name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+inline void check_shapes(const torch::Tensor& pre, const torch::Tensor& bias) {
+  check(pre, "pre");
+  check(bias, "bias");
+  TORCH_CHECK(pre.dim() >= 1 && bias.dim() == 1 && bias.size(0) == pre.size(-1), "bias_gelu: bias ",
+              bias.sizes(), " does not match the last axis of pre ", pre.sizes());
+}
+
+// One row: f(v, lane block) for each block of W columns; the last partial block goes through a zero-padded
+// local copy (its idle lanes are computed and dropped).
+template <typename F>
+inline void for_each_block(int64_t H, F&& f) {
+  int64_t c = 0;
+  for (; c + W <= H; c += W) f(c, W);
+  if (c < H) f(c, static_cast<int>(H - c));
+}
+
+inline vf load_part(const float* p, int count) {
+  if (count == W) return loadv(p);
+  alignas(64) float buf[W] = {};
+  std::copy(p, p + count, buf);
+  return loadv(buf);
+}
+
+inline void store_part(float* p, vf v, int count) {
+  if (count == W) return storev(p, v);
+  alignas(64) float buf[W];
+  storev(buf, v);
+  std::copy(buf, buf + count, p);
+}
+
+torch::Tensor bias_gelu_forward(const torch::Tensor& pre, const torch::Tensor& bias) {
+  check_shapes(pre, bias);
+  auto h = torch::empty_like(pre);
+  const int64_t H = pre.size(-1), M = H ? pre.numel() / H : 0;
+  const float* P = pre.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  float* out = h.data_ptr<float>();
+  at::parallel_for(0, M, row_grain(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for_each_block(H, [&](int64_t c, int count) {
+        const vf v = load_part(P + r * H + c, count) + load_part(b + c, count);
+        vf cdf, v_pdf;
+        normal_cdf_pdf(v, cdf, v_pdf);
+        store_part(out + r * H + c, v * cdf, count);
+      });
+  });
+  return h;
+}
+
+// Returns {dpre (M, H), dbias (H)}.
+std::vector<torch::Tensor> bias_gelu_backward(const torch::Tensor& dh, const torch::Tensor& pre,
+                                              const torch::Tensor& bias) {
+  check_shapes(pre, bias);
+  check(dh, "dh");
+  TORCH_CHECK(dh.sizes() == pre.sizes(), "bias_gelu: dh ", dh.sizes(), " does not match pre ", pre.sizes());
+  auto dpre = torch::empty_like(pre);
+  const int64_t H = pre.size(-1), M = H ? pre.numel() / H : 0;
+  auto partial = torch::zeros({std::max(1, at::get_num_threads()), H}, pre.options());
+  const float* G = dh.data_ptr<float>();
+  const float* P = pre.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  float* D = dpre.data_ptr<float>();
+  float* sums = partial.data_ptr<float>();
+  at::parallel_for(0, M, row_grain(H), [&](int64_t r0, int64_t r1) {
+    float* acc = sums + at::get_thread_num() * H;
+    for (int64_t r = r0; r < r1; ++r)
+      for_each_block(H, [&](int64_t c, int count) {
+        const vf v = load_part(P + r * H + c, count) + load_part(b + c, count);
+        vf cdf, v_pdf;
+        normal_cdf_pdf(v, cdf, v_pdf);
+        const vf g = load_part(G + r * H + c, count) * (cdf + v_pdf);
+        store_part(D + r * H + c, g, count);
+        store_part(acc + c, load_part(acc + c, count) + g, count);
+      });
+  });
+  return {dpre, partial.size(0) == 1 ? partial[0] : partial.sum(0)};
+}
+
+}  // namespace vmamba_bias_gelu
