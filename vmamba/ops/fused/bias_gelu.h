@@ -14,7 +14,9 @@
 // E = exp(-v^2 / 2),  1 - Phi(|v|) = t P(t) E / 2  and  Phi(-|v|) = t P(t) E / 2. The same E gives
 // phi(v) = E / sqrt(2 pi), so the backward costs one exp per element where ATen's gelu_backward takes two
 // (one inside erf, one for phi) and a separate pass (a column sum) for the bias gradient; the forward adds the
-// bias in the same pass, so the GEMM needs no bias copy into its output.
+// bias in the same pass, so the GEMM needs no bias copy into its output. E is vexp2 of -v^2 log2(e) / 2 (no
+// range-reduction constants) and 1 / (1 + ...) a refined reciprocal estimate, not a division: one thread,
+// warm 4 MiB rows, the forward took 0.96x ATen's F.gelu and the backward 0.57x its gelu_backward (no bias sum).
 //
 // Work is split over blocks of rows; lanes are columns. dbias is summed per thread in a (threads, H) buffer
 // and those rows are added by the caller's thread (a fixed order for a given thread count; no atomics).
@@ -33,20 +35,20 @@ namespace vmamba_bias_gelu {
 
 using namespace vmamba_simd;
 
-// Phi(v) and v * phi(v) (the second is the extra term of the derivative).
-inline void normal_cdf_pdf(vf v, vf& cdf, vf& v_pdf) {
-  constexpr float p = 0.3275911f * 0.70710678118654752f;  // A&S's p, for erf(|v| / sqrt 2)
+// Phi(-|v|) = 1 - Phi(|v|) = t P(t) E / 2 (A&S 7.1.26 for erfc(|v| / sqrt 2)), and E = exp(-v^2 / 2) in `e`.
+inline vf normal_tail(vf v, vf& e) {
+  constexpr float p = 0.3275911f * 0.70710678118654752f;  // A&S's p, for erfc(|v| / sqrt 2)
   const vf t = vrecip(1.0f + p * vmax(v, -v));
-  vf poly = splat(1.061405429f);
-  poly = poly * t - 1.453152027f;
-  poly = poly * t + 1.421413741f;
-  poly = poly * t - 0.284496736f;
-  poly = poly * t + 0.254829592f;
-  const vf e = vexp(-0.5f * v * v);
-  const vf tail = 0.5f * (t * poly * e);  // Phi(-|v|) = 1 - Phi(|v|)
-  cdf = v >= 0.0f ? 1.0f - tail : tail;
-  v_pdf = v * (e * 0.3989422804014327f);  // phi(v) = E / sqrt(2 pi)
+  vf poly = splat(0.5f * 1.061405429f);  // A&S's coefficients halved (the 1/2 of Phi)
+  poly = poly * t + 0.5f * -1.453152027f;
+  poly = poly * t + 0.5f * 1.421413741f;
+  poly = poly * t + 0.5f * -0.284496736f;
+  poly = poly * t + 0.5f * 0.254829592f;
+  e = vexp2((v * v) * (-0.5f * LOG2E));
+  return t * poly * e;
 }
+
+inline vf normal_cdf(vf v, vf tail) { return v >= 0.0f ? 1.0f - tail : tail; }
 
 // Rows of at least ~16 K elements per task, so short matrices run on one thread.
 inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(H, 1)); }
@@ -97,9 +99,9 @@ torch::Tensor bias_gelu_forward(const torch::Tensor& pre, const torch::Tensor& b
     for (int64_t r = r0; r < r1; ++r)
       for_each_block(H, [&](int64_t c, int count) {
         const vf v = load_part(P + r * H + c, count) + load_part(b + c, count);
-        vf cdf, v_pdf;
-        normal_cdf_pdf(v, cdf, v_pdf);
-        store_part(out + r * H + c, v * cdf, count);
+        vf e;
+        const vf tail = normal_tail(v, e);
+        store_part(out + r * H + c, v * normal_cdf(v, tail), count);
       });
   });
   return h;
@@ -124,9 +126,10 @@ std::vector<torch::Tensor> bias_gelu_backward(const torch::Tensor& dh, const tor
     for (int64_t r = r0; r < r1; ++r)
       for_each_block(H, [&](int64_t c, int count) {
         const vf v = load_part(P + r * H + c, count) + load_part(b + c, count);
-        vf cdf, v_pdf;
-        normal_cdf_pdf(v, cdf, v_pdf);
-        const vf g = load_part(G + r * H + c, count) * (cdf + v_pdf);
+        vf e;
+        const vf tail = normal_tail(v, e);
+        const vf slope = normal_cdf(v, tail) + v * (e * 0.3989422804014327f);  // Phi(v) + v phi(v)
+        const vf g = load_part(G + r * H + c, count) * slope;
         store_part(D + r * H + c, g, count);
         store_part(acc + c, load_part(acc + c, count) + g, count);
       });

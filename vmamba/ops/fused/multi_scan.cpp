@@ -151,24 +151,6 @@ inline void transpose_block(const float* in, int64_t is, float* out, int64_t os)
 #endif
 }
 
-// 2^y: round to the nearest integer k, a degree-6 fit of 2^f on [-1/2, 1/2] (relative error <= 1.1e-7 in
-// float32), times 2^k. The decays exp(dt * A) take this form with A pre-scaled by log2(e), saving the
-// two-constant range reduction of vexp in the innermost loop. y is clamped to [-126, 127] (2^-126 ~ 1e-38:
-// a decay that leaves nothing of a state).
-inline vf vexp2(vf y) {
-  y = vmin(vmax(y, splat(-126.0f)), splat(127.0f));
-  const vf k = round_nearest(y);
-  const vf f = y - k;
-  vf p = splat(1.5465312753804028e-4f);
-  p = p * f + 1.3395280111581087e-3f;
-  p = p * f + 9.618040174245834e-3f;
-  p = p * f + 5.550340563058853e-2f;
-  p = p * f + 2.4022650718688965e-1f;
-  p = p * f + 6.931471824645996e-1f;
-  p = p * f + 1.0f;
-  return times_pow2(p, k);
-}
-constexpr float LOG2E = 1.44269504088896341f;
 
 // log1p(e) for e in [0, 1] as e * P(e), P a degree-8 least-squares fit of log1p(e) / e (relative error
 // <= 2.5e-7 in float32, measured on a 2e5-point grid): no division, no range reduction, and accurate

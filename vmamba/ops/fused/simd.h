@@ -84,4 +84,24 @@ inline vf vexp(vf x) {
   return times_pow2(p, k);
 }
 
+// 2^y: round to the nearest integer k, a degree-6 fit of 2^f on [-1/2, 1/2] (relative error <= 1.1e-7 in
+// float32), times 2^k. An exponential whose argument is a product can fold log2(e) into one factor (the
+// scan's decays exp(dt * A) with A pre-scaled by log2(e); the GELU's exp(-v^2 / 2)), saving vexp's
+// two-constant range reduction. y is clamped to [-126, 127] (2^-126 ~ 1e-38: a decay that leaves nothing of
+// a state).
+inline vf vexp2(vf y) {
+  y = vmin(vmax(y, splat(-126.0f)), splat(127.0f));
+  const vf k = round_nearest(y);
+  const vf f = y - k;
+  vf p = splat(1.5465312753804028e-4f);
+  p = p * f + 1.3395280111581087e-3f;
+  p = p * f + 9.618040174245834e-3f;
+  p = p * f + 5.550340563058853e-2f;
+  p = p * f + 2.4022650718688965e-1f;
+  p = p * f + 6.931471824645996e-1f;
+  p = p * f + 1.0f;
+  return times_pow2(p, k);
+}
+constexpr float LOG2E = 1.44269504088896341f;
+
 }  // namespace vmamba_simd
