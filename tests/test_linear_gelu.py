@@ -93,6 +93,23 @@ def test_fused_kernel_tails():
 
 
 @needs_fused
+def test_fused_gradients_do_not_depend_on_thread_count():
+    """The bias gradient is summed over fixed row chunks: the same bits on 1 and 2 threads (and dpre too)."""
+    pre = torch.randn(3000, 40)
+    bias, dh = torch.randn(40), torch.randn(3000, 40)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(torch.ops.vmamba.bias_gelu_backward(dh, pre, bias))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@needs_fused
 def test_fused_op_passes_opcheck():
     pre = torch.randn(6, 40, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
