@@ -17,11 +17,14 @@ FUSED_ERROR = fused_kernel_error(fused.FusedKernel.MULTI_SCAN)
 needs_fused = needs_fused_kernel(fused.FusedKernel.MULTI_SCAN)
 
 
+def _normal_cdf(v: torch.Tensor) -> torch.Tensor:
+    """Phi(v) = erfc(-v / sqrt 2) / 2, elementwise in float64 through math.erfc (no vectorised approximation)."""
+    cdf = [0.5 * math.erfc(-float(e) / math.sqrt(2.0)) for e in v.detach().flatten()]
+    return torch.tensor(cdf, dtype=torch.float64).view_as(v)
+
+
 def _exact_gelu(v: torch.Tensor) -> torch.Tensor:
-    """v * Phi(v) with Phi(v) = erfc(-v / sqrt 2) / 2, elementwise in float64 through math.erfc (no
-    vectorised approximation involved)."""
-    cdf = torch.tensor([0.5 * math.erfc(-float(e) / math.sqrt(2.0)) for e in v.flatten()], dtype=torch.float64)
-    return v * cdf.view_as(v)
+    return v * _normal_cdf(v)
 
 
 class _ExactLinearGelu(torch.autograd.Function):
@@ -36,10 +39,8 @@ class _ExactLinearGelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         x, w, v = ctx.saved_tensors
-        safe = torch.where(v == 0, torch.ones_like(v), v)
-        cdf = torch.where(v == 0, torch.full_like(v, 0.5), _exact_gelu(v) / safe)
         pdf = torch.exp(-0.5 * v * v) / math.sqrt(2.0 * math.pi)
-        dv = dh * (cdf + v * pdf)
+        dv = dh * (_normal_cdf(v) + v * pdf)
         rows = dv.reshape(-1, v.shape[-1])
         return dv @ w, rows.t() @ x.reshape(-1, x.shape[-1]), rows.sum(0)
 
@@ -169,6 +170,23 @@ def test_channel_mlp_same_on_both_paths(channels_last, shape):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for fused_grad, torch_grad in zip(grads[1], grads[0]):
         torch.testing.assert_close(fused_grad, torch_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_channel_mlp_calls_hooked_or_replaced_modules():
+    """A forward hook on ``fc1`` or ``act`` fires (the modules are then called, with the same values), and a
+    replaced activation is used."""
+    torch.manual_seed(0)
+    mlp = ChannelMlp(8, 32, channels_last=True)
+    x = torch.randn(2, 3, 5, 8)
+    expected = mlp.fc2(F.gelu(mlp.fc1(x)))
+    seen = []
+    for module in (mlp.fc1, mlp.act):
+        handle = module.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+        handle.remove()
+    assert seen == [(2, 3, 5, 32), (2, 3, 5, 32)]
+    mlp.act = torch.nn.SiLU()
+    torch.testing.assert_close(mlp(x), mlp.fc2(F.silu(mlp.fc1(x))))
 
 
 @pytest.mark.parametrize(

@@ -78,8 +78,9 @@ class ChannelMlp(nn.Module):
 
     Weights are stored as ``nn.Linear`` (out, in), matching the official VMamba Linear2d keys. ``fc1`` and the
     GELU run as one op (:func:`vmamba.ops.linear_gelu`: a bias-free GEMM, then the fused bias + GELU kernel in
-    float32 on the CPU), so ``fc1`` and ``act`` (which holds the GELU's ``approximate`` setting) are not called as
-    modules and hooks on them do not fire; a forward pre-hook on ``fc2`` sees the hidden activation.
+    float32 on the CPU), with the GELU's ``approximate`` setting read from ``act``; when ``act`` is replaced by
+    another activation, or ``fc1`` / ``act`` carry forward hooks, they are called as modules instead (so the
+    hooks fire).
     """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, channels_last: bool = False) -> None:
@@ -106,8 +107,14 @@ class ChannelMlp(nn.Module):
 
     def _mlp(self, x: Tensor) -> Tensor:
         """``(..., C) -> (..., C)``: fc1, GELU, fc2 (with dropout)."""
-        hidden = linear_gelu(x, self.fc1.weight, self.fc1.bias, approximate=self.act.approximate)
-        return self.drop(self.fc2(self.drop(hidden)))
+        return self.drop(self.fc2(self.drop(self._hidden(x))))
+
+    def _hidden(self, x: Tensor) -> Tensor:
+        """``(..., C) -> (..., hidden)``: ``act(fc1(x))``, as one fused op unless the modules must be called."""
+        hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.act))
+        if isinstance(self.act, nn.GELU) and not hooked:
+            return linear_gelu(x, self.fc1.weight, self.fc1.bias, approximate=self.act.approximate)
+        return self.act(self.fc1(x))
 
     def _forward_row_blocks(self, x: Tensor) -> Tensor:
         """A large map with autograd, ``(..., C) -> (..., C)``: the MLP on even blocks of rows whose hidden
@@ -135,9 +142,8 @@ class ChannelMlp(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         out = flat.new_empty(flat.shape[0], self.fc2.out_features)
         rows = max(1, _MLP_CHUNK_ELEMENTS // self.fc1.out_features)
-        approximate = self.act.approximate
         for start in range(0, flat.shape[0], rows):
-            h = linear_gelu(flat[start : start + rows], self.fc1.weight, self.fc1.bias, approximate=approximate)
+            h = self._hidden(flat[start : start + rows])
             torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), out=out[start : start + rows])
         return out.view(*x.shape[:-1], -1)
 
