@@ -172,6 +172,19 @@ def test_channel_mlp_same_on_both_paths(channels_last, shape):
         torch.testing.assert_close(fused_grad, torch_grad, rtol=1e-4, atol=1e-4)
 
 
+def test_autocast_takes_the_reference_path():
+    """Under CPU autocast the GEMM runs in bfloat16 (autocast's rule for F.linear): the result is the reference's,
+    for the op and for the VMamba MLP in training."""
+    x, w, b = _inputs((6, 16), 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_gelu(x, w, b)
+        expected = linear_gelu_ref(x, w, b)
+        mlp_out = ChannelMlp(16, 32, channels_last=True).train()(x.detach().view(2, 3, 16))
+    assert out.dtype == expected.dtype == mlp_out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    mlp_out.float().sum().backward()
+
+
 def test_channel_mlp_calls_hooked_or_replaced_modules():
     """A forward hook on ``fc1`` or ``act`` fires (the modules are then called, with the same values), and a
     replaced activation is used."""

@@ -5,14 +5,15 @@ the fused bias + GELU kernel (:mod:`vmamba.ops.fused.bias_gelu`): the GEMM write
 copy first, the forward adds the bias and applies the GELU in one pass, and the backward computes the GELU
 gradient with one exponential per element and the bias gradient in the same pass (ATen takes two exponentials
 and a separate column sum). The GEMMs and their gradients are ATen's, so ``FlopCounterMode`` counts them as
-it counts ``F.linear``. Elsewhere, and as the reference, ``F.gelu(F.linear(x, weight, bias))``
-(:func:`linear_gelu_ref`).
+it counts ``F.linear``. Elsewhere (other dtypes or devices, no bias, the tanh GELU, under autocast), and as
+the reference, ``F.gelu(F.linear(x, weight, bias))`` (:func:`linear_gelu_ref`).
 
 The kernel's GELU evaluates the normal CDF with the Abramowitz & Stegun 7.1.26 form that ATen's vectorised
 ``erf`` uses (absolute error <= 1.5e-7 in ``erf``), so both paths agree to float32 rounding.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,7 +51,13 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
         ValueError: shapes that do not match, or an unknown ``approximate``.
     """
     _check(x, weight, bias, approximate)
-    if bias is None or approximate != "none" or not fused_bias_gelu_applies(x, weight, bias):
+    # Under autocast the GEMM would run in the low-precision dtype: the reference path keeps autocast's rules.
+    if (
+        bias is None
+        or approximate != "none"
+        or torch.is_autocast_enabled(x.device.type)
+        or not fused_bias_gelu_applies(x, weight, bias)
+    ):
         return linear_gelu_ref(x, weight, bias, approximate)
     pre = x.reshape(-1, x.shape[-1]).matmul(weight.t())  # (rows, out_features), bias-free
     return fused_bias_gelu(pre, bias).view(*x.shape[:-1], weight.shape[0])
