@@ -6,8 +6,8 @@ use: :func:`tasks.common.optim.fused_kwargs`). Every model and scan path is time
 repeats, medians) and printed as images/s and as ``vmamba_t / model`` ratios. VMamba-T runs once per scan
 backend (:func:`vmamba.ops.fused.forced_scan_backend`): ``auto`` (the default choice, per stage, see
 :meth:`vmamba.mixers.MambaMixer.map_path`), ``fused`` (the compiled kernel wherever it applies) and
-``torch`` (pure PyTorch); the SS2D front end's depthwise conv + SiLU follows the same switch
-(:func:`vmamba.ops.depthwise_conv2d_silu`). Targets (issue 8): inference >= 0.95x and training step >= 0.9x
+``torch`` (pure PyTorch); the SS2D front end's depthwise conv + SiLU and the MLP's bias + GELU follow the
+same switch (:func:`vmamba.ops.depthwise_conv2d_silu`, :func:`vmamba.ops.linear_gelu`). Targets (issue 8): inference >= 0.95x and training step >= 0.9x
 swin_tiny_patch4_window7_224 (issue 2: inference >= 0.6x).
 
 FLOPs: ``torch.utils.flop_counter`` over one 224x224 image, with the selective scan counted by the formula
@@ -88,7 +88,7 @@ def _inference(quick: bool) -> None:
 
     calls = {_vmamba_label(b): infer(vmamba_t, b) for b in BACKENDS}
     calls.update({name: infer(m) for name, m in models.items()})
-    print(f"\nvmamba_models: compiled kernels (scan, depthwise conv + SiLU): {fused_status()}")
+    print(f"\nvmamba_models: compiled kernels (scan, depthwise conv + SiLU, MLP bias + GELU): {fused_status()}")
     for b in BACKENDS:
         print(f"{_vmamba_label(b)} inference scan path per stage: {_stage_paths(vmamba_t, b, grad=False)}")
     timings = time_interleaved(calls, repeats=repeats, warmup=1)
