@@ -69,8 +69,8 @@ inline void check_shapes(const torch::Tensor& pre, const torch::Tensor& bias) {
               bias.sizes(), " does not match the last axis of pre ", pre.sizes());
 }
 
-// One row: f(v, lane block) for each block of W columns; the last partial block goes through a zero-padded
-// local copy (its idle lanes are computed and dropped).
+// Calls f(first column, lanes used) for each block of W columns of a row of H; a last partial block is read
+// and written through zero-padded local copies (load_part / store_part: its idle lanes are computed and dropped).
 template <typename F>
 inline void for_each_block(int64_t H, F&& f) {
   int64_t c = 0;
@@ -92,7 +92,7 @@ inline void store_part(float* p, vf v, int count) {
   std::copy(buf, buf + count, p);
 }
 
-torch::Tensor bias_gelu_forward(const torch::Tensor& pre, const torch::Tensor& bias) {
+inline torch::Tensor bias_gelu_forward(const torch::Tensor& pre, const torch::Tensor& bias) {
   check_shapes(pre, bias);
   auto h = torch::empty_like(pre);
   const int64_t H = pre.size(-1), M = H ? pre.numel() / H : 0;
@@ -112,8 +112,8 @@ torch::Tensor bias_gelu_forward(const torch::Tensor& pre, const torch::Tensor& b
 }
 
 // Returns {dpre (M, H), dbias (H)}.
-std::vector<torch::Tensor> bias_gelu_backward(const torch::Tensor& dh, const torch::Tensor& pre,
-                                              const torch::Tensor& bias) {
+inline std::vector<torch::Tensor> bias_gelu_backward(const torch::Tensor& dh, const torch::Tensor& pre,
+                                                     const torch::Tensor& bias) {
   check_shapes(pre, bias);
   check(dh, "dh");
   TORCH_CHECK(dh.sizes() == pre.sizes(), "bias_gelu: dh ", dh.sizes(), " does not match pre ", pre.sizes());
