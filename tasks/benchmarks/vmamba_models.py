@@ -7,8 +7,8 @@ repeats, medians) and printed as images/s and as ``vmamba_t / model`` ratios. VM
 backend (:func:`vmamba.ops.fused.forced_scan_backend`): ``auto`` (the default choice, per stage, see
 :meth:`vmamba.mixers.MambaMixer.map_path`), ``fused`` (the compiled kernel wherever it applies) and
 ``torch`` (pure PyTorch); the SS2D front end's depthwise conv + SiLU and the MLP's bias + GELU follow the
-same switch (:func:`vmamba.ops.depthwise_conv2d_silu`, :func:`vmamba.ops.linear_gelu`). Targets (issue 8): inference >= 0.95x and training step >= 0.9x
-swin_tiny_patch4_window7_224 (issue 2: inference >= 0.6x).
+same switch (:func:`vmamba.ops.depthwise_conv2d_silu`, :func:`vmamba.ops.linear_gelu`). Targets (issue 8):
+inference >= 0.95x and training step >= 0.9x swin_tiny_patch4_window7_224 (issue 2: inference >= 0.6x).
 
 FLOPs: ``torch.utils.flop_counter`` over one 224x224 image, with the selective scan counted by the formula
 ``vmamba.ops.flops`` registers for it (the official fvcore rule, 9 * B * L * D * N); elementwise ops are
@@ -67,8 +67,10 @@ def _print_rates(title: str, batch: int, timings: dict[str, Timing], target: flo
     rows = [[n, f"{rates[n]:.2f}"] + ["-" if n in vmamba_names else format_ratio(rates[v], rates[n])
                                       for v in vmamba_names] for n in rates]
     print_table(title, header, rows)
+    if SWIN not in refs:
+        return
     verdicts = []
-    for v in vmamba_names if SWIN in refs else []:
+    for v in vmamba_names:
         ratio = rates[v] / rates[SWIN]
         rounds = [ref / ours for ours, ref in zip(timings[v].seconds, timings[SWIN].seconds)]
         verdicts.append(

@@ -151,7 +151,6 @@ inline void transpose_block(const float* in, int64_t is, float* out, int64_t os)
 #endif
 }
 
-
 // log1p(e) for e in [0, 1] as e * P(e), P a degree-8 least-squares fit of log1p(e) / e (relative error
 // <= 2.5e-7 in float32, measured on a 2e5-point grid): no division, no range reduction, and accurate
 // relative to e however small e is.
