@@ -398,6 +398,21 @@ def test_fused_multi_scan_rejects_index_rows_that_are_not_permutations():
         fused.loader.load().forward(u.unsqueeze(2), delta, A, Bm, Cm, E, E, out_of_range, True)
 
 
+def test_fused_multi_scan_checks_an_index_again_after_an_in_place_change():
+    """A valid index is checked once (the result is kept while the tensor is unchanged): an in-place edit of
+    the same tensor after a successful call is still caught."""
+    index = scan_indices((3, 4), "cross2d").clone()
+    k, length = index.shape
+    u, delta, A = torch.randn(1, length, 16), torch.randn(1, length, k, 16), -torch.rand(k, 1, 16)
+    Bm = Cm = torch.randn(1, length, k, 1, 1)
+    first, _ = fused.fused_multi_scan(u, delta, A, Bm, Cm, index)
+    again, _ = fused.fused_multi_scan(u, delta, A, Bm, Cm, index)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    index[1, 0] = index[1, 1]
+    with pytest.raises(ValueError, match="permutation"):
+        fused.fused_multi_scan(u, delta, A, Bm, Cm, index)
+
+
 @pytest.mark.parametrize("d_state", [1, 16])
 def test_fused_multi_scan_reads_strided_delta_in_place(d_state):
     """A delta in the dt projection's (K, B, L, D) memory order is read in place: same outputs and gradients
