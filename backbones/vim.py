@@ -359,6 +359,13 @@ class VimBlock(nn.Module):
 
 @functools.lru_cache(maxsize=64)
 def _direction_orders_cpu(scan: ScanPattern, grid_size: tuple[int, int], cls_index: int | None, n: int) -> Tensor:
+    # Cached: built as a normal tensor even under torch.inference_mode (an inference tensor could not be used
+    # by a later training step's autograd).
+    with torch.inference_mode(False):
+        return _build_direction_orders(scan, grid_size, cls_index, n)
+
+
+def _build_direction_orders(scan: ScanPattern, grid_size: tuple[int, int], cls_index: int | None, n: int) -> Tensor:
     if scan is ScanPattern.BI1D:
         return torch.arange(n).unsqueeze(0)
     rows = scan_indices(grid_size, ScanPattern.CROSS2D)[:2]  # (2, M) patch positions, row- / column-major

@@ -16,7 +16,7 @@ import timm
 import torch
 
 import vmamba
-from tests.conftest import fixture_path
+from tests.conftest import ROOT, fixture_path, fused_kernel_error
 from vmamba.mixers import MixerType
 
 # family (entrypoint module) -> (reduced constructor kwargs, input (H, W)); H != W on purpose
@@ -213,3 +213,45 @@ def test_vmamba_parameter_counts_equal_official(name):
     with torch.device("meta"):
         model = timm.create_model(name, num_classes=1000)
     assert sum(p.numel() for p in model.parameters()) == index[OFFICIAL_VMAMBA[name]]["n_params_measured"]
+
+
+_INFERENCE_THEN_TRAIN = """
+import torch, timm
+import vmamba
+from backbones.segmentation import VMambaUNet
+small_vmamba = dict(depths=(1, 1, 1, 1), dims=32, num_classes=5)
+small_vim = dict(depth=2, embed_dim=32, img_size=(32, 48), num_classes=5)
+cases = {
+    "vmamba_t": (timm.create_model("vmamba_t", **small_vmamba), (1, 3, 40, 24)),
+    "vmamba_tiny_v0": (timm.create_model("vmamba_tiny_v0", **small_vmamba), (1, 3, 40, 24)),
+    "vim_t": (timm.create_model("vim_t", **small_vim), (1, 3, 32, 48)),
+    "vim_t_cross": (timm.create_model("vim_t_cross", **small_vim), (1, 3, 32, 48)),
+    "unet_3d": (VMambaUNet(in_channels=1, out_channels=2, spatial_dims=3, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16),
+                           feature_size=4), (1, 1, 16, 24, 16)),
+}
+for name, (model, shape) in cases.items():
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad), name
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_training_after_inference_mode_in_a_fresh_process(backend):
+    """Caches built on a model's first call (direction indices, scratch buffers) must not keep inference
+    tensors: evaluating under ``torch.inference_mode`` first and training afterwards is a common pattern, and
+    an inference tensor can be neither saved for backward nor written outside inference mode. A fresh
+    process, so the first call really builds every cache."""
+    import os
+    import subprocess
+    import sys
+
+    if backend == "fused" and (error := fused_kernel_error()) is not None:
+        pytest.skip(f"fused kernel cannot be built here: {error}")
+    env = {**os.environ, "VMAMBA_SCAN_BACKEND": backend}
+    result = subprocess.run([sys.executable, "-c", _INFERENCE_THEN_TRAIN], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=str(ROOT))
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -35,10 +35,15 @@ class MapPath(str, Enum):
 
 @functools.lru_cache(maxsize=64)
 def _direction_index(spatial: tuple[int, ...], pattern: ScanPattern) -> Tensor:
-    """``(K, L)`` int64: the map row (row-major token index) direction ``k`` visits at step ``t``."""
-    length = math.prod(spatial)
-    order = torch.arange(length, dtype=torch.float64).view(1, 1, *spatial)
-    return cross_scan(order, pattern)[0, :, :, 0].round().long()
+    """``(K, L)`` int64: the map row (row-major token index) direction ``k`` visits at step ``t``.
+
+    Cached, so built as a normal tensor even when first asked for under ``torch.inference_mode``: an
+    inference tensor could not be saved for the backward of a later training step.
+    """
+    with torch.inference_mode(False):
+        length = math.prod(spatial)
+        order = torch.arange(length, dtype=torch.float64).view(1, 1, *spatial)
+        return cross_scan(order, pattern)[0, :, :, 0].round().long()
 
 
 @register_mixer(MixerType.MAMBA)

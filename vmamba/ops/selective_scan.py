@@ -366,7 +366,10 @@ class _Workspace:
         numel = math.prod(shape)
         buf = pool.get((name, self.dtype))
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            # A normal tensor even under torch.inference_mode: an inference tensor kept here could not be
+            # written outside inference mode by later calls (normal tensors can be written inside it).
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=self.dtype, device=self.device)
             pool[(name, self.dtype)] = buf
         return buf[:numel].view(shape)
 

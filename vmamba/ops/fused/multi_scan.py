@@ -42,7 +42,8 @@ _EMPTY = torch.empty(0)
 
 # Index tensors already checked to be row-wise permutations, with the version counter they had then: a model
 # passes the same cached index on every call, and the check (a sort) cost ~0.8 ms per vmamba_t forward at
-# batch 1. An in-place change bumps the version, and the tensor is checked again.
+# batch 1. An in-place change bumps the version, and the tensor is checked again. Inference tensors have no
+# version counter and are checked on every call (the kernel checks every index again in any case).
 _CHECKED_INDICES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -50,11 +51,13 @@ def _check_index(index: Tensor, length: int) -> None:
     """Raise unless ``index`` is ``(K, length)`` with each row a permutation of ``0 .. length-1``."""
     if index.dim() != 2 or index.shape[1] != length:
         raise ValueError(f"index must be (K, {length}), got {tuple(index.shape)}")
-    if _CHECKED_INDICES.get(index) == index._version:
+    versioned = not index.is_inference()
+    if versioned and _CHECKED_INDICES.get(index) == index._version:
         return
     if not torch.equal(index.sort(dim=1).values.cpu(), torch.arange(length).expand_as(index)):
         raise ValueError("each row of index must be a permutation of the map rows 0 .. L-1")
-    _CHECKED_INDICES[index] = index._version
+    if versioned:
+        _CHECKED_INDICES[index] = index._version
 
 
 def _opt(t: Tensor | None) -> Tensor:
