@@ -5,8 +5,8 @@ Both models are built for each resolution (position embeddings resampled at crea
 is faster, below 1 for memory means Vim needs less. The scan backend in use (fused C++ kernels or pure
 PyTorch) is printed first.
 
-Targets (issue 3): at 1024² vim_t faster than deit_tiny with less peak memory; at 224² at least 0.5x its
-throughput.
+Targets: at 1024² at least 1.4x deit_tiny's throughput (issue 8, the fused kernels; issue 3 asked for more
+than 1x) with less peak memory (issue 3); at 224² at least 0.5x its throughput (issues 3 and 8).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tasks.benchmarks.common import format_ratio, peak_memory_bytes, print_table
 from vmamba.ops.fused import fused_status
 
 TARGET_224 = 0.5
-TARGET_1024 = 1.0
+TARGET_1024 = 1.4
 # (image size, batch): larger images get smaller batches so each timed call stays a few seconds.
 FULL = ((224, 8), (512, 2), (1024, 1))
 QUICK = ((224, 1), (512, 1))
