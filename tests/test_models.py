@@ -18,6 +18,7 @@ import torch
 import vmamba
 from tests.conftest import ROOT, fixture_path, fused_kernel_error
 from vmamba.mixers import MixerType
+from vmamba.ops.fused import ScanBackend, forced_scan_backend
 
 # family (entrypoint module) -> (reduced constructor kwargs, input (H, W)); H != W on purpose
 SMALL: dict[str, tuple[dict, tuple[int, int]]] = {
@@ -86,6 +87,25 @@ def test_model_backward_reaches_every_parameter(name):
     assert not no_grad, f"parameters without gradient: {no_grad}"
     bad = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert not bad, f"non-finite gradients: {bad}"
+
+
+_DEFAULT_MIXER_MODELS = [n for n in MODELS if not any(n.endswith(f"_{kind.value}") for kind in MixerType)]
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+@pytest.mark.parametrize("name", _DEFAULT_MIXER_MODELS)
+def test_model_empty_batch(name, backend):
+    """A batch of 0 images gives a (0, classes) output and a backward, on either scan path (as timm's ViT
+    does; the scan paths once failed on reshapes that inferred L from a 0-element tensor)."""
+    if backend == "fused" and (error := fused_kernel_error()) is not None:
+        pytest.skip(f"fused kernel cannot be built here: {error}")
+    model, x = _small(name, num_classes=NUM_CLASSES)
+    with forced_scan_backend(ScanBackend(backend)):
+        with torch.no_grad():
+            assert model.eval()(x[:0]).shape == (0, NUM_CLASSES)
+        out = model.train()(x[:0])
+        assert out.shape == (0, NUM_CLASSES)
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("name", MODELS)

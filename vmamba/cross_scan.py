@@ -87,9 +87,9 @@ def cross_scan(x: Tensor, pattern: ScanPattern | str, *, channels_last: bool = F
     _check_map(x, pattern, channels_last)
     if not channels_last:
         x = x.movedim(1, -1)  # (B, *spatial, C)
-    batch, channels = x.shape[0], x.shape[-1]
+    batch, channels, length = x.shape[0], x.shape[-1], math.prod(x.shape[1:-1])  # explicit L: batch may be 0
     forward = [
-        x.permute(0, *(a + 1 for a in order), x.dim() - 1).reshape(batch, -1, channels)
+        x.permute(0, *(a + 1 for a in order), x.dim() - 1).reshape(batch, length, channels)
         for order in pattern.axis_orders
     ]
     seqs = torch.stack(forward, dim=1)  # (B, K/2, L, C)

@@ -160,7 +160,7 @@ class MambaMixer(SequenceMixer):
                 x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, A[..., 0], self.Ds.view(k, c)
             )
         spatial = x.shape[1:-1]
-        u = x.reshape(x.shape[0], -1, c)  # (B, L, C) map rows
+        u = x.reshape(x.shape[0], math.prod(spatial), c)  # (B, L, C) map rows
         x_dbl = F.linear(u, self.x_proj_weight.reshape(k * (r + 2 * n), c)).unflatten(-1, (k, r + 2 * n))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=-1)  # (B, L, K, *)
         # The kernel computes delta = dt_projs_weight[k] @ dts (the dt projection) tile by tile and adds the
