@@ -57,7 +57,16 @@ __all__ = ["VSSM", "StemType", "DownsampleType", "ConvStem", "PatchStem", "ConvD
            "VSSStage", "checkpoint_filter_fn"]
 
 
-class StemType(str, Enum):
+class _Choice(str, Enum):
+    """A string option whose bad values are refused with the list of valid ones."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> "_Choice":
+        names = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"unknown {cls.__name__} {value!r}; expected one of {names}")
+
+
+class StemType(_Choice):
     """``conv``: two stride-2 3x3 convs (official v2 ``patchembed_version="v2"``);
     ``patch``: one 4x4 stride-4 conv (official v0 ``patchembed_version="v1"``)."""
 
@@ -65,7 +74,7 @@ class StemType(str, Enum):
     PATCH = "patch"
 
 
-class DownsampleType(str, Enum):
+class DownsampleType(_Choice):
     """``conv``: stride-2 3x3 conv + LayerNorm (official ``downsample_version="v3"``);
     ``patch_merging``: Swin patch merging, LayerNorm(4C) + Linear(4C -> 2C) (official ``"v1"``)."""
 

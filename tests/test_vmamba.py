@@ -431,8 +431,10 @@ def test_patch_merging_order_is_official():
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="same length"):
         VSSM(depths=(1, 1), dims=(8, 16, 32))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown StemType 'pixel'; expected one of 'conv', 'patch'"):
         VSSM(stem="pixel")
+    with pytest.raises(ValueError, match=r"unknown DownsampleType 'merge'; expected one of 'conv', 'patch_merging'"):
+        VSSM(downsample="merge")
 
 
 # ------------------------------------------------------------------------------------------- scan paths
