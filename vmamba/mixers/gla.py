@@ -136,7 +136,7 @@ class GLAMixer(SequenceMixer):
         q, kk, g = self._qkg(x)
         v = x.transpose(1, 2).reshape(batch, length, k * self.num_heads, c // self.num_heads)
         o, _ = gla(q, kk, v, g, chunk_size=self.chunk_size)
-        o = o.view(batch, length, k, self.num_heads, -1).transpose(1, 2).float()  # (B, K, L, H, C/H)
+        o = o.view(batch, length, k, self.num_heads, o.shape[-1]).transpose(1, 2).float()  # (B, K, L, H, C/H)
         o = F.layer_norm(o, o.shape[-1:], eps=self.norm_eps).flatten(-2).to(x.dtype)
         o = o * self.norm_weight[:, None, :].to(x.dtype) + self.norm_bias[:, None, :].to(x.dtype)
         if self.g_proj_down is not None:

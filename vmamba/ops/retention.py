@@ -217,13 +217,13 @@ def retention(
         batch, length, heads, dk = q.shape
         cdt = compute_dtype(q, k, v)
         # every head its own batch row of the heads engine (R = 1): (B H, T, D), decays (B H, T, 1)
-        qh, kh, vh = (t.to(cdt).transpose(1, 2).reshape(batch * heads, length, -1) for t in (q, k, v))
+        qh, kh, vh = (t.to(cdt).transpose(1, 2).reshape(batch * heads, length, t.shape[-1]) for t in (q, k, v))
         log_decay = retention_log_decays(heads, q.device, cdt)[None, :, None].expand(batch, heads, length)
-        s0 = None if initial_state is None else initial_state.to(cdt).reshape(batch * heads, dk, 1, -1)
+        s0 = None if initial_state is None else initial_state.to(cdt).reshape(batch * heads, dk, 1, v.shape[-1])
         size = max(1, length) if mode is RetentionMode.PARALLEL else chunk_size  # parallel: one chunk
         o, state = chunked_heads_decay_attention(
             qh, kh, vh[:, :, None], log_decay.reshape(batch * heads, length, 1), s0, size, _scale(scale, dk)
         )
-        o = o.view(batch, heads, length, -1).transpose(1, 2)
-        state = state.view(batch, heads, dk, -1)
+        o = o.view(batch, heads, length, v.shape[-1]).transpose(1, 2)
+        state = state.view(batch, heads, dk, v.shape[-1])
     return o.to(v.dtype), _final(state, output_final_state)

@@ -175,10 +175,10 @@ def _rwkv7_chunk(
         t = t.to(cdt)
         if pad:
             t = F.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.view(batch, n, q_len, heads, -1).permute(0, 3, 1, 2, 4)
+        return t.view(batch, n, q_len, heads, t.shape[-1]).permute(0, 3, 1, 2, 4)
 
     def flat(t: Tensor) -> Tensor:  # (B, H, n, Q, D) contiguous -> (B H n, Q, D) (any Q)
-        return t.reshape(rows * n, -1, t.shape[-1])
+        return t.reshape(rows * n, t.shape[-2], t.shape[-1])
 
     g_in = chunked(w).cumsum(-2)  # G_t: log decay from the chunk start through t (contiguous, head-major)
     # Pairwise decays exp(G_x - G_s) (x = t, or t-1 for a_t^T S_{t-1}) factorised around a per-channel reference

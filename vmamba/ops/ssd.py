@@ -135,20 +135,23 @@ def _run(
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
         batch, length, heads, head_dim = x.shape
         # time-major, groups folded into the batch: (B G, T, ...) with a group's R heads side by side
-        v = (x.to(dtype) * dt[..., None]).view(batch, length, groups, -1, head_dim)
-        v = v.transpose(1, 2).reshape(batch * groups, length, heads // groups, head_dim)
-        q, k = (t.to(dtype).transpose(1, 2).reshape(batch * groups, length, -1) for t in (C, B))
-        g = log_decay.view(batch, length, groups, -1).transpose(1, 2).reshape(batch * groups, length, -1)
+        per_group = heads // groups
+        v = (x.to(dtype) * dt[..., None]).view(batch, length, groups, per_group, head_dim)
+        v = v.transpose(1, 2).reshape(batch * groups, length, per_group, head_dim)
+        q, k = (t.to(dtype).transpose(1, 2).reshape(batch * groups, length, t.shape[-1]) for t in (C, B))
+        g = log_decay.view(batch, length, groups, per_group).transpose(1, 2)
+        g = g.reshape(batch * groups, length, per_group)
         state = None
         if initial_states is not None:  # (B, H, P, N) -> (B G, N, R, P): the engine's state is K x (R V)
-            state = initial_states.to(dtype).view(batch, groups, -1, head_dim, B.shape[3]).permute(0, 1, 4, 2, 3)
-            state = state.reshape(batch * groups, B.shape[3], heads // groups, head_dim)
+            state = initial_states.to(dtype).view(batch, groups, per_group, head_dim, B.shape[3])
+            state = state.permute(0, 1, 4, 2, 3)
+            state = state.reshape(batch * groups, B.shape[3], per_group, head_dim)
         y, state = form(q, k, v, g, state, **kwargs)  # (B G, T, R, P), (B G, N, R, P)
-        y = y.view(batch, groups, length, -1, head_dim).transpose(1, 2).reshape(batch, length, heads, head_dim)
+        y = y.view(batch, groups, length, per_group, head_dim).transpose(1, 2).reshape(batch, length, heads, head_dim)
         final = None
         if return_final_states:
-            final = state.view(batch, groups, -1, heads // groups, head_dim).permute(0, 1, 3, 4, 2)
-            final = final.reshape(batch, heads, head_dim, -1)
+            final = state.view(batch, groups, B.shape[3], per_group, head_dim).permute(0, 1, 3, 4, 2)
+            final = final.reshape(batch, heads, head_dim, B.shape[3])
         return _finish(y, x, D, z, dtype), final
 
 
