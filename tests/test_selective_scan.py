@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.conftest import fixture_path
+from tests.conftest import fixture_path, fused_kernel_error
 from vmamba.ops import (
     selective_scan,
     selective_scan_mixing_matrix,
@@ -331,3 +331,66 @@ def test_mamba_mixer_mixing_matrix_is_the_mean_magnitude_of_its_scan():
             m = selective_scan_mixing_matrix(dts[:, k], A[k], Bs[:, k], Cs[:, k], Ds[k], bias[k], True)  # (B, C, L, L)
             torch.testing.assert_close(torch.einsum("bcts,bsc->btc", m, x[:, k]), y[:, k], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(m.abs().mean(1), mean_abs[:, k])
+
+
+def _time_invariant_reference(u, delta, A, B, C, D, z, delta_bias, softplus):
+    """The loop written directly for time-invariant ``B, C: (D, N)`` (and per-token ``(B, N, L)``), contracting
+    over the state with einsums the way mamba-ssm's reference does; independent of ``_per_token``."""
+    delta = delta + delta_bias[:, None]
+    delta = torch.nn.functional.softplus(delta) if softplus else delta
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    if B.dim() == 2:
+        inputs = torch.einsum("bdl,dn,bdl->bdln", delta, B, u)
+    else:
+        inputs = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        state = decay[:, :, t] * state + inputs[:, :, t]
+        read = torch.einsum("bdn,dn->bd", state, C) if C.dim() == 2 else torch.einsum("bdn,bn->bd", state, C[..., t])
+        ys.append(read)
+    y = torch.stack(ys, dim=-1) + u * D[:, None]
+    return y * torch.nn.functional.silu(z), state
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+@pytest.mark.parametrize("which", ["both", "B", "C"])
+def test_time_invariant_B_C_follow_mamba_ssm(which, backend):
+    """``B`` / ``C`` of shape ``(D, N)`` (mamba-ssm's non-variable B / C): every form, values, last state and
+    gradients, against a loop written for that case; with one of them time-invariant the other is per token."""
+    if backend == "fused":
+        if (error := fused_kernel_error()) is not None:
+            pytest.skip(f"fused kernel cannot be built here: {error}")
+        fused.set_scan_backend(fused.ScanBackend.FUSED)
+    inputs = make_inputs(dim=5, length=13, d_state=4)
+    inputs.pop("initial_state")
+    g = torch.Generator().manual_seed(3)
+    if which in ("both", "B"):
+        inputs["B"] = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    if which in ("both", "C"):
+        inputs["C"] = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    expected_out, expected_last = _time_invariant_reference(
+        *(inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), softplus=True
+    )
+    for fn in (selective_scan, selective_scan_ref, selective_scan_quadratic):
+        # the fused kernel computes in float32: its inputs (and the reference's, for the gradients) in float32
+        in_float32 = backend == "fused" and fn is selective_scan
+        cast = {k: v.float() for k, v in inputs.items()} if in_float32 else inputs
+        tolerance = dict(rtol=1e-5, atol=1e-5) if in_float32 else dict(rtol=1e-9, atol=1e-10)
+        out, last, grads = outputs_and_grads(fn, cast)
+        torch.testing.assert_close(out.double(), expected_out, **tolerance)
+        torch.testing.assert_close(last.double(), expected_last, **tolerance)
+        ref_grads = outputs_and_grads(_time_invariant_autograd, cast)[2]
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], **tolerance, msg=lambda m: f"d{name}: {m}")
+
+
+def _time_invariant_autograd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    return _time_invariant_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def test_time_invariant_B_of_the_wrong_size_is_refused():
+    inputs = {**make_inputs(dtype=torch.float32), "B": torch.zeros(5, 3)}
+    for fn in (selective_scan, selective_scan_ref):
+        with pytest.raises(ValueError, match=r"time-invariant B must be \(D=6, N\)"):
+            fn(**inputs)

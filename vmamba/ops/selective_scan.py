@@ -5,7 +5,8 @@ optionally ``y_t *= silu(z_t)``; ``delta = softplus(delta + delta_bias)`` when `
 
 Layouts follow mamba-ssm's ``selective_scan_fn``:
 ``u, delta, z: (B, D, L)``; ``A: (D, N)``; ``B, C: (B, N, L)`` or grouped ``(B, G, N, L)`` where group
-``g`` serves channels ``g * D/G ... (g+1) * D/G - 1``; ``D: (D,)``; ``delta_bias: (D,)``.
+``g`` serves channels ``g * D/G ... (g+1) * D/G - 1``, or time-invariant ``(D, N)`` (one vector per channel,
+the same at every token, as mamba-ssm allows); ``D: (D,)``; ``delta_bias: (D,)``.
 The state is ``(B, D, N)``. Everything is accumulated in float32 (float64 inputs stay float64); the output
 has ``u``'s dtype, the last state the accumulation dtype.
 
@@ -92,6 +93,23 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
         raise ValueError(f"B and C must have the same groups, got {tuple(B.shape)} and {tuple(C.shape)}")
 
 
+def _per_token(ref: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """Time-invariant ``B`` / ``C`` ``(D, N)`` as per-token tensors ``(B, D, N, L)`` (a stride-0 view, one group
+    per channel; the other one then also per channel); others unchanged. ``ref: (B, D, L)`` gives the sizes."""
+    if B.dim() != 2 and C.dim() != 2:
+        return B, C
+    batch, dim, length = ref.shape
+
+    def per_channel(t: Tensor, name: str) -> Tensor:
+        if t.dim() != 2:
+            return expand_groups(t, dim) if t.dim() in (3, 4) else t  # bad ranks: _check_inputs names them
+        if t.shape[0] != dim:
+            raise ValueError(f"time-invariant {name} must be (D={dim}, N), got {tuple(t.shape)}")
+        return t[None, :, :, None].expand(batch, dim, t.shape[1], length)
+
+    return per_channel(B, "B"), per_channel(C, "C")
+
+
 def _check_optional(
     u: Tensor,
     A: Tensor,
@@ -171,6 +189,7 @@ def selective_scan_ref(
     Returns ``out (B, D, L)``, and ``last_state (B, D, N)`` (float32) when ``return_last_state``.
     ``initial_state (B, D, N)`` starts the recurrence (zeros by default).
     """
+    B, C = _per_token(u, B, C)
     _check_inputs(u, delta, A, B, C)
     _check_optional(u, A, D, z, delta_bias, initial_state)
     batch, dim, length = u.shape
@@ -258,11 +277,13 @@ def selective_scan_mixing_matrix(
     diagonal), plus ``D`` on the diagonal when given. The ``z`` gate is not part of it (it scales rows).
 
     Args:
-        delta: ``(B, D, L)``; A: ``(D, N)``; B, C: ``(B, N, L)`` or ``(B, G, N, L)``; D, delta_bias: ``(D,)``.
+        delta: ``(B, D, L)``; A: ``(D, N)``; B, C: ``(B, N, L)``, ``(B, G, N, L)`` or ``(D, N)``;
+        D, delta_bias: ``(D,)``.
 
     Returns:
         ``M: (B, D, L, L)`` in the compute dtype. Memory is ``O(B D L^2)``: for inspection and tests.
     """
+    B, C = _per_token(delta, B, C)
     _check_inputs(delta, delta, A, B, C)
     _check_optional(delta, A, D, None, delta_bias, None)
     dim = delta.shape[1]
@@ -299,6 +320,7 @@ def selective_scan_quadratic(
     enters as ``C_t exp(A * sum_{r<=t} delta_r) h_0``; the last state is read off the matrix's last row.
     Costs ``O(B D N L^2)``: for inspection and tests.
     """
+    B, C = _per_token(u, B, C)
     _check_inputs(u, delta, A, B, C)
     _check_optional(u, A, D, z, delta_bias, initial_state)
     dim = u.shape[1]
@@ -963,7 +985,7 @@ def selective_scan(
     Args:
         u, delta: ``(B, D, L)``, ``L >= 1``.
         A: ``(D, N)`` (negative for a decaying state).
-        B, C: ``(B, N, L)`` or grouped ``(B, G, N, L)``.
+        B, C: ``(B, N, L)``, grouped ``(B, G, N, L)``, or time-invariant ``(D, N)``.
         D, delta_bias: ``(D,)`` or None.
         z: ``(B, D, L)`` gate or None.
         delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
@@ -989,6 +1011,7 @@ def selective_scan(
         >>> selective_scan(u, dt, A, B, C).shape
         torch.Size([2, 8, 100])
     """
+    B, C = _per_token(u, B, C)
     _check_inputs(u, delta, A, B, C)
     _check_optional(u, A, D, z, delta_bias, initial_state)
     if u.shape[-1] == 0:
