@@ -96,13 +96,14 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
 def _per_token(ref: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
     """Time-invariant ``B`` / ``C`` ``(D, N)`` as per-token tensors ``(B, D, N, L)`` (a stride-0 view, one group
     per channel; the other one then also per channel); others unchanged. ``ref: (B, D, L)`` gives the sizes."""
-    if B.dim() != 2 and C.dim() != 2:
+    if (B.dim() != 2 and C.dim() != 2) or ref.dim() != 3:  # a bad u: _check_inputs names it
         return B, C
     batch, dim, length = ref.shape
 
     def per_channel(t: Tensor, name: str) -> Tensor:
-        if t.dim() != 2:
-            return expand_groups(t, dim) if t.dim() in (3, 4) else t  # bad ranks: _check_inputs names them
+        if t.dim() != 2:  # per token: to one group per channel as well (bad shapes left to _check_inputs)
+            fits = t.dim() == 3 or (t.dim() == 4 and t.shape[1] > 0 and dim % t.shape[1] == 0)
+            return expand_groups(t, dim) if fits else t
         if t.shape[0] != dim:
             raise ValueError(f"time-invariant {name} must be (D={dim}, N), got {tuple(t.shape)}")
         return t[None, :, :, None].expand(batch, dim, t.shape[1], length)
