@@ -185,6 +185,14 @@ def test_autocast_takes_the_reference_path():
     mlp_out.float().sum().backward()
 
 
+def test_meta_tensors_take_the_reference_path():
+    """Device types without an autocast state (here "meta", used for shape inference) take the reference path
+    instead of failing on the autocast query."""
+    x, w, b = (t.to("meta") for t in _inputs((2, 5, 8), 16))
+    out = linear_gelu(x, w, b)
+    assert out.shape == (2, 5, 16) and out.device.type == "meta"
+
+
 def test_channel_mlp_calls_hooked_or_replaced_modules():
     """A forward hook on ``fc1`` or ``act`` fires (the modules are then called, with the same values), and a
     replaced activation is used."""

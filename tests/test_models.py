@@ -36,6 +36,7 @@ def _package_models() -> list[str]:
 
 
 MODELS = _package_models()
+DEFAULT_MIXER_MODELS = [n for n in MODELS if not any(n.endswith(f"_{kind.value}") for kind in MixerType)]
 
 
 def _family(name: str) -> str:
@@ -104,6 +105,17 @@ def test_model_empty_batch(name, backend):
         out = model.train()(x[:0])
         assert out.shape == (0, NUM_CLASSES)
         out.sum().backward()
+
+
+@pytest.mark.parametrize("name", DEFAULT_MIXER_MODELS)
+def test_model_shapes_on_the_meta_device(name):
+    """The default-mixer models run on meta tensors (shape inference without memory): nothing in their forward
+    or backward needs data on the CPU. (The gla / rwkv7 ops pick their chunk length from the data.)"""
+    model, x = _small(name, num_classes=NUM_CLASSES)
+    model = model.to("meta").train()
+    out = model(x.to("meta"))
+    assert out.shape == (2, NUM_CLASSES) and out.device.type == "meta"
+    out.sum().backward()
 
 
 @pytest.mark.parametrize("name", MODELS)

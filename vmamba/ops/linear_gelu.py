@@ -52,11 +52,12 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
     """
     _check(x, weight, bias, approximate)
     # Under autocast the GEMM would run in the low-precision dtype: the reference path keeps autocast's rules.
+    # (Asked only once the kernel applies, i.e. on the CPU: not every device type has an autocast state.)
     if (
         bias is None
         or approximate != "none"
-        or torch.is_autocast_enabled(x.device.type)
         or not fused_bias_gelu_applies(x, weight, bias)
+        or torch.is_autocast_enabled(x.device.type)
     ):
         return linear_gelu_ref(x, weight, bias, approximate)
     pre = x.reshape(-1, x.shape[-1]).matmul(weight.t())  # (rows, out_features), bias-free
