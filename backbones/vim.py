@@ -47,7 +47,6 @@ model-wide bias reset).
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from typing import Any, Sequence
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vmamba.blocks import add_drop_path
+from vmamba.constant_cache import cached_constant
 from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
 from vmamba.ops import depthwise_conv1d_silu
@@ -270,8 +270,7 @@ class VimBlock(nn.Module):
         else:
             y = None
             for axis in range(half):
-                identity = bool(torch.equal(orders[axis], torch.arange(n, device=orders.device)))
-                order = None if identity else orders[axis]
+                order = None if _visits_in_stream_order(orders[axis]) else orders[axis]
                 seq = x if order is None else x[:, order]  # (B, N, E) in this direction's order
                 for kk in (axis, axis + half):
                     y = self._scan_direction(seq, kk, kk >= half, a, rows, y, order)
@@ -357,12 +356,12 @@ class VimBlock(nn.Module):
         return y
 
 
-@functools.lru_cache(maxsize=64)
-def _direction_orders_cpu(scan: ScanPattern, grid_size: tuple[int, int], cls_index: int | None, n: int) -> Tensor:
-    # Cached: built as a normal tensor even under torch.inference_mode (an inference tensor could not be used
-    # by a later training step's autograd).
-    with torch.inference_mode(False):
-        return _build_direction_orders(scan, grid_size, cls_index, n)
+def _visits_in_stream_order(order: Tensor) -> bool:
+    """Whether ``order (N,)`` is ``0 .. N-1`` (the direction reads the stream as it is, no gather). While the
+    model is traced (torch.compile / export, fake values) the answer is no: the gather is right either way."""
+    if torch.compiler.is_compiling() or type(order) is not Tensor:
+        return False
+    return bool(torch.equal(order, torch.arange(order.shape[0], device=order.device)))
 
 
 def _build_direction_orders(scan: ScanPattern, grid_size: tuple[int, int], cls_index: int | None, n: int) -> Tensor:
@@ -383,7 +382,8 @@ def direction_orders(scan: ScanPattern, grid_size: tuple[int, int], cls_index: i
     ``bi1d``: the stream itself (class token included, in the middle). ``cross2d``: row-major and
     column-major over the patch grid, the class token inserted at index ``M // 2`` of each.
     """
-    return _direction_orders_cpu(ScanPattern.parse(scan), tuple(grid_size), cls_index, n)
+    key = ("vim_direction_orders", ScanPattern.parse(scan), tuple(grid_size), cls_index, n)
+    return cached_constant(key, lambda: _build_direction_orders(key[1], key[2], cls_index, n))
 
 
 class Vim(nn.Module):

@@ -275,6 +275,32 @@ def test_training_after_inference_mode_in_a_fresh_process(backend):
     tensors: evaluating under ``torch.inference_mode`` first and training afterwards is a common pattern, and
     an inference tensor can be neither saved for backward nor written outside inference mode. A fresh
     process, so the first call really builds every cache."""
+    _run_in_a_fresh_process(_INFERENCE_THEN_TRAIN, backend)
+
+
+_EXPORT_THEN_EAGER = """
+import torch, timm
+import vmamba
+for name, kwargs in (("vmamba_t", dict(depths=(1, 1, 1, 1), dims=32)),
+                     ("vim_t_cross", dict(depth=2, embed_dim=32, img_size=(32, 48)))):
+    model = timm.create_model(name, num_classes=5, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 48)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_torch_export_then_eager_in_a_fresh_process(backend):
+    """``torch.export`` traces the models (their cached scan orders must not keep the trace's fake tensors for
+    later eager calls, which once failed with a DataDependentOutputException), and the exported program
+    gives the eager outputs."""
+    _run_in_a_fresh_process(_EXPORT_THEN_EAGER, backend)
+
+
+def _run_in_a_fresh_process(code: str, backend: str) -> None:
     import os
     import subprocess
     import sys
@@ -282,6 +308,6 @@ def test_training_after_inference_mode_in_a_fresh_process(backend):
     if backend == "fused" and (error := fused_kernel_error()) is not None:
         pytest.skip(f"fused kernel cannot be built here: {error}")
     env = {**os.environ, "VMAMBA_SCAN_BACKEND": backend}
-    result = subprocess.run([sys.executable, "-c", _INFERENCE_THEN_TRAIN], capture_output=True, text=True,
-                            timeout=600, env=env, cwd=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=str(ROOT))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -1,7 +1,6 @@
 """Mamba (S6) mixer: per-direction x_proj / dt_proj / A / D around the selective scan."""
 from __future__ import annotations
 
-import functools
 import math
 from enum import Enum
 
@@ -9,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constant_cache import cached_constant
 from ..cross_scan import ScanPattern, cross_scan
 from ..ops import selective_scan
 from ..ops.cross2d_scan import cross2d_selective_scan
@@ -33,17 +33,15 @@ class MapPath(str, Enum):
     GENERIC = "generic"
 
 
-@functools.lru_cache(maxsize=64)
 def _direction_index(spatial: tuple[int, ...], pattern: ScanPattern) -> Tensor:
-    """``(K, L)`` int64: the map row (row-major token index) direction ``k`` visits at step ``t``.
+    """``(K, L)`` int64: the map row (row-major token index) direction ``k`` visits at step ``t`` (cached per
+    map size, see :func:`vmamba.constant_cache.cached_constant`)."""
 
-    Cached, so built as a normal tensor even when first asked for under ``torch.inference_mode``: an
-    inference tensor could not be saved for the backward of a later training step.
-    """
-    with torch.inference_mode(False):
-        length = math.prod(spatial)
-        order = torch.arange(length, dtype=torch.float64).view(1, 1, *spatial)
+    def build() -> Tensor:
+        order = torch.arange(math.prod(spatial), dtype=torch.float64).view(1, 1, *spatial)
         return cross_scan(order, pattern)[0, :, :, 0].round().long()
+
+    return cached_constant(("direction_index", tuple(spatial), pattern), build)
 
 
 @register_mixer(MixerType.MAMBA)
