@@ -8,8 +8,12 @@ yet (``vmamba.available_mixers()``) are skipped with the reason.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -301,10 +305,6 @@ def test_torch_export_then_eager_in_a_fresh_process(backend):
 
 
 def _run_in_a_fresh_process(code: str, backend: str) -> None:
-    import os
-    import subprocess
-    import sys
-
     if backend == "fused" and (error := fused_kernel_error()) is not None:
         pytest.skip(f"fused kernel cannot be built here: {error}")
     env = {**os.environ, "VMAMBA_SCAN_BACKEND": backend}
@@ -317,8 +317,6 @@ def _run_in_a_fresh_process(code: str, backend: str) -> None:
 def test_torch_compile_aot_eager_gives_the_eager_outputs_and_gradients(name):
     """torch.compile traces the models (custom ops with fake kernels, cached scan orders bypassed while
     tracing) and the compiled forward / backward give the eager numbers."""
-    import copy
-
     model, x = _small(name, num_classes=NUM_CLASSES)
     model.train()
     compiled_model = copy.deepcopy(model)
