@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -49,3 +50,23 @@ def test_tensors_built_under_fake_mode_are_not_kept():
     real = cached_constant(key, build)
     assert type(real) is torch.Tensor and len(calls) == 2
     torch.testing.assert_close(real, torch.arange(5))
+
+
+def test_threads_share_one_tensor_per_key():
+    keys = [("test-threads", next(_keys)) for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: cached_constant(keys[i % 8], lambda: torch.arange(i % 8 + 1)), range(400)))
+    for i, value in enumerate(results):
+        assert value is cached_constant(keys[i % 8], lambda: torch.zeros(1))  # the kept one, not rebuilt
+        torch.testing.assert_close(value, torch.arange(i % 8 + 1))
+
+
+def test_only_the_most_recent_keys_are_kept():
+    build, calls = _counting_builder()
+    first = ("test-bound", next(_keys))
+    cached_constant(first, build)
+    for _ in range(300):
+        cached_constant(("test-bound", next(_keys)), build)
+    assert len(calls) == 301
+    cached_constant(first, build)  # evicted long ago: built again
+    assert len(calls) == 302

@@ -9,6 +9,7 @@ becomes a constant of the traced graph).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -19,6 +20,7 @@ __all__ = ["cached_constant"]
 
 _MAX_ENTRIES = 256
 _CACHE: OrderedDict[Hashable, Tensor] = OrderedDict()
+_LOCK = threading.Lock()  # models may run in several Python threads (a serving process)
 
 
 def cached_constant(key: Hashable, build: Callable[[], Tensor]) -> Tensor:
@@ -29,14 +31,17 @@ def cached_constant(key: Hashable, build: Callable[[], Tensor]) -> Tensor:
     """
     if torch.compiler.is_compiling():
         return build()
-    cached = _CACHE.get(key)
-    if cached is not None:
-        _CACHE.move_to_end(key)
-        return cached
+    with _LOCK:
+        cached = _CACHE.get(key)
+        if cached is not None:
+            _CACHE.move_to_end(key)
+            return cached
     with torch.inference_mode(False):
         value = build()
     if type(value) is Tensor:  # not a FakeTensor / FunctionalTensor of a trace
-        _CACHE[key] = value
-        if len(_CACHE) > _MAX_ENTRIES:
-            _CACHE.popitem(last=False)
+        with _LOCK:
+            value = _CACHE.setdefault(key, value)  # another thread may have built it meanwhile: keep one
+            _CACHE.move_to_end(key)
+            if len(_CACHE) > _MAX_ENTRIES:
+                _CACHE.popitem(last=False)
     return value
