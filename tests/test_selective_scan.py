@@ -394,3 +394,19 @@ def test_time_invariant_B_of_the_wrong_size_is_refused():
     for fn in (selective_scan, selective_scan_ref):
         with pytest.raises(ValueError, match=r"time-invariant B must be \(D=6, N\)"):
             fn(**inputs)
+
+
+def test_time_invariant_B_C_take_the_chunked_path():
+    """The fused kernel would need time-invariant B / C as dense per-channel copies (slower than the chunked
+    form): with the fused backend forced, they still run chunked (no kernel states come back), while
+    per-token B / C of the same sizes take the kernel."""
+    if (error := fused_kernel_error()) is not None:
+        pytest.skip(f"fused kernel cannot be built here: {error}")
+    fused.set_scan_backend(fused.ScanBackend.FUSED)
+    inputs = make_inputs(dim=16, length=70, d_state=4, dtype=torch.float32, extras=False)
+    per_token_B, per_token_C = inputs["B"], inputs["C"]
+    invariant_B, invariant_C = scan_module._per_token(inputs["u"], torch.randn(16, 4), torch.randn(16, 4))
+    for (B, C), kernel in (((per_token_B, per_token_C), True), ((invariant_B, invariant_C), False)):
+        args = (inputs["u"], inputs["delta"], inputs["A"], B, C, None, None, None, None)
+        _, _, states = torch.ops.vmamba.selective_scan(*args, True, 0, True)  # keep_checkpoints=True
+        assert (states.numel() > 0) == kernel
