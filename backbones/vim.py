@@ -382,8 +382,9 @@ def direction_orders(scan: ScanPattern, grid_size: tuple[int, int], cls_index: i
     ``bi1d``: the stream itself (class token included, in the middle). ``cross2d``: row-major and
     column-major over the patch grid, the class token inserted at index ``M // 2`` of each.
     """
-    key = ("vim_direction_orders", ScanPattern.parse(scan), tuple(grid_size), cls_index, n)
-    return cached_constant(key, lambda: _build_direction_orders(key[1], key[2], cls_index, n))
+    scan, grid_size = ScanPattern.parse(scan), tuple(grid_size)
+    return cached_constant(("vim_direction_orders", scan, grid_size, cls_index, n),
+                           lambda: _build_direction_orders(scan, grid_size, cls_index, n))
 
 
 class Vim(nn.Module):

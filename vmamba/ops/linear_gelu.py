@@ -36,10 +36,14 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> 
         raise ValueError(f"bias {tuple(bias.shape)} does not match the {weight.shape[0]} output features")
 
 
+def _reference(x: Tensor, weight: Tensor, bias: Tensor | None, approximate: str) -> Tensor:
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
 def linear_gelu_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
     """Pure-PyTorch form of :func:`linear_gelu` (differentiable, any dtype and device)."""
     _check(x, weight, bias, approximate)
-    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+    return _reference(x, weight, bias, approximate)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approximate: str = "none") -> Tensor:
@@ -59,6 +63,6 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
         or not fused_bias_gelu_applies(x, weight, bias)
         or torch.is_autocast_enabled(x.device.type)
     ):
-        return linear_gelu_ref(x, weight, bias, approximate)
+        return _reference(x, weight, bias, approximate)  # arguments checked above
     pre = x.reshape(-1, x.shape[-1]).matmul(weight.t())  # (rows, out_features), bias-free
     return fused_bias_gelu(pre, bias).view(*x.shape[:-1], weight.shape[0])

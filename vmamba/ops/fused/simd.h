@@ -67,11 +67,13 @@ inline vf vrecip(vf x) {
 inline vf vrecip(vf x) { return 1.0f / x; }
 #endif
 
+constexpr float LOG2E = 1.44269504088896341f;
+
 // exp(x): Cephes-style range reduction and polynomial (about 1 ulp), branch-free. Inputs are clamped to
 // [-87.3, 88.3] so 2^k stays a normal float (e^-87.3 ~ 1e-38: a decay that leaves nothing of a state).
 inline vf vexp(vf x) {
   x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
-  const vf k = round_nearest(x * 1.44269504088896341f);
+  const vf k = round_nearest(x * LOG2E);
   vf r = x - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
@@ -102,6 +104,4 @@ inline vf vexp2(vf y) {
   p = p * f + 1.0f;
   return times_pow2(p, k);
 }
-constexpr float LOG2E = 1.44269504088896341f;
-
 }  // namespace vmamba_simd
