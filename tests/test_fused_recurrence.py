@@ -132,7 +132,7 @@ def test_dispatch_rule(monkeypatch: pytest.MonkeyPatch, op: str) -> None:
     spy = _Spy(monkeypatch, f"vmamba.ops.{op}")
     if op == "ssd":
         inputs = (torch.randn(1, 9, 2, 4), torch.randn(1, 9, 2), -torch.rand(2) - 0.1, *torch.randn(2, 1, 9, 1, 8))
-        fn = lambda *t: ssd(*t, dt_softplus=True)  # noqa: E731
+        fn = lambda *t: ssd(*t, dt_softplus=True, return_final_states=True)  # noqa: E731  (y, state) like the rest
     elif op == "rwkv7":
         inputs, fn = _rwkv7_inputs(1, 9, 2, 8, 4), rwkv7
     else:

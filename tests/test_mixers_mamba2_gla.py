@@ -87,7 +87,7 @@ def test_mamba2_mixing_matrix_reproduces_the_scan():
     dt, b, c = mixer._project(x)
     A = -torch.exp(mixer.A_log).flatten()
     heads = x.transpose(1, 2).reshape(1, 9, K * mixer.num_heads, mixer.head_dim)
-    y, _ = ssd(heads, dt, A, b, c, D=mixer.D.flatten(), dt_bias=mixer.dt_bias.flatten(), dt_softplus=True)
+    y = ssd(heads, dt, A, b, c, D=mixer.D.flatten(), dt_bias=mixer.dt_bias.flatten(), dt_softplus=True)
     mix = ssd_mixing_matrix(dt, A, b, c, mixer.dt_bias.flatten(), True)
     y_mix = torch.einsum("bhts,bshp->bthp", mix, heads) + heads * mixer.D.flatten()[:, None]
     torch.testing.assert_close(y, y_mix)

@@ -5,6 +5,12 @@ import pytest
 import torch
 
 from vmamba.ops import ssd, ssd_mixing_matrix, ssd_quadratic, ssd_ref, ssd_step
+from vmamba.ops.fused import FusedKernel, forced_scan_backend
+
+from tests.conftest import needs_fused_kernel
+
+# "fused": inference on the compiled recurrence (skipped, with the reason, where it cannot be built)
+BACKENDS = ["torch", pytest.param("fused", marks=needs_fused_kernel(FusedKernel.RECURRENCE))]
 
 
 def _inputs(batch=2, length=37, heads=4, head_dim=3, groups=2, d_state=5, dtype=torch.float64):
@@ -120,7 +126,7 @@ def test_quadratic_and_mixing_matrix_match_loop():
     mix = ssd_mixing_matrix(dt, A, B, C, dt_bias=kw["dt_bias"], dt_softplus=True)  # (B, H, T, T)
     assert mix.shape == (2, 4, 23, 23)
     assert torch.all(mix.triu(1) == 0)
-    y_zero, _ = ssd_ref(x, dt, A, B, C, dt_bias=kw["dt_bias"], dt_softplus=True)
+    y_zero = ssd_ref(x, dt, A, B, C, dt_bias=kw["dt_bias"], dt_softplus=True)
     torch.testing.assert_close(torch.einsum("bhts,bshp->bthp", mix, x), y_zero)
 
 
@@ -253,3 +259,73 @@ def test_bad_input_raises():
         ssd(x, dt, A, B, C, chunk_size=0)
     with pytest.raises(ValueError, match="one token"):
         ssd_step(torch.zeros(2, 4, 3, 5), x, dt, A, B, C)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_returns_like_mamba_chunk_scan_combined(backend):
+    """``y`` alone unless ``return_final_states`` (then ``(y, final_states)``); positional arguments bind as in
+    mamba-ssm up to ``initial_states`` and the rest are keyword-only."""
+    x, dt, A, B, C = (t.float() for t in _inputs(length=13))
+    kw = {k: (v.float() if torch.is_tensor(v) else v) for k, v in _extras(x, dt, B).items()}
+    h0 = _state(x, B).float()
+    with torch.no_grad(), forced_scan_backend(backend):
+        for form, extra in ((ssd, {"chunk_size": 4}), (ssd_quadratic, {}), (ssd_ref, {})):
+            y = form(x, dt, A, B, C, **extra, **kw)
+            assert isinstance(y, torch.Tensor) and y.shape == x.shape, form.__name__
+            y2, h = form(x, dt, A, B, C, initial_states=h0, return_final_states=True, **extra, **kw)
+            assert h.shape == h0.shape, form.__name__
+        positional = ssd(x, dt, A, B, C, 4, kw["D"], kw["z"], kw["dt_bias"], h0, dt_softplus=True,
+                         return_final_states=True)
+        torch.testing.assert_close(positional[0], y2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(positional[1], h, rtol=1e-5, atol=1e-5)
+        with pytest.raises(TypeError):
+            ssd(x, dt, A, B, C, 4, None, None, None, None, True)  # mamba-ssm's seq_idx slot: not taken
+
+
+def _limited_dt(dt, bias, dt_limit):
+    """mamba-ssm's step sizes: softplus(dt + bias), clamped to dt_limit."""
+    return torch.nn.functional.softplus(dt + bias).clamp(*dt_limit)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dt_limit_clamps_the_step_sizes(backend):
+    """dt_limit = (low, high) gives the scan of the clamped step sizes (values, state, gradients - zero for the
+    clamped ones); (0, inf) is no clamp; a reversed pair is refused."""
+    torch.manual_seed(5)
+    x, dt, A, B, C = _inputs(length=23)
+    bias = torch.randn(x.shape[2], dtype=x.dtype)
+    limit = (0.3, 0.9)
+    assert (_limited_dt(dt, bias, (0, float("inf"))) < limit[0]).any()  # the clamp acts at both ends
+    assert (_limited_dt(dt, bias, (0, float("inf"))) > limit[1]).any()
+    dt_ref = _limited_dt(dt, bias, limit)
+    y_ref, h_ref = ssd_ref(x, dt_ref, A, B, C, return_final_states=True)
+    with torch.no_grad(), forced_scan_backend(backend):
+        for form, extra in ((ssd, {"chunk_size": 8}), (ssd_quadratic, {}), (ssd_ref, {})):
+            xf, dtf, Af, Bf, Cf, bf = (t.float() for t in (x, dt, A, B, C, bias))
+            y, h = form(xf, dtf, Af, Bf, Cf, dt_bias=bf, dt_softplus=True, dt_limit=limit, return_final_states=True,
+                        **extra)
+            torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
+        y0 = ssd(x.float(), dt.float(), A.float(), B.float(), C.float(), dt_bias=bias.float(), dt_softplus=True)
+        y_inf = ssd(x.float(), dt.float(), A.float(), B.float(), C.float(), dt_bias=bias.float(), dt_softplus=True,
+                    dt_limit=(0.0, float("inf")))
+        torch.testing.assert_close(y0, y_inf, rtol=0, atol=0)
+    state = h_ref.new_zeros(h_ref.shape)
+    for t in range(x.shape[1]):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], dt_bias=bias, dt_softplus=True,
+                              dt_limit=limit)
+        torch.testing.assert_close(y_t, y_ref[:, t])
+    mix = ssd_mixing_matrix(dt, A, B, C, dt_bias=bias, dt_softplus=True, dt_limit=limit)
+    torch.testing.assert_close(torch.einsum("bhts,bshp->bthp", mix, x), y_ref)
+
+    dt_leaf = dt.clone().requires_grad_()
+    weights = torch.randn_like(x)
+    (g,) = torch.autograd.grad((ssd(x, dt_leaf, A, B, C, chunk_size=8, dt_bias=bias, dt_softplus=True,
+                                    dt_limit=limit) * weights).sum(), dt_leaf)
+    dt_leaf2 = dt.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad((ssd_ref(x, _limited_dt(dt_leaf2, bias, limit), A, B, C) * weights).sum(), dt_leaf2)
+    torch.testing.assert_close(g, g_ref)
+    clamped = (dt_ref == limit[0]) | (dt_ref == limit[1])
+    assert clamped.any() and torch.all(g[clamped] == 0)
+    with pytest.raises(ValueError, match="dt_limit"):
+        ssd(x, dt, A, B, C, dt_softplus=True, dt_limit=(1.0, 0.5))

@@ -113,13 +113,13 @@ def _forward(case: OpCase, fn: Callable[..., object], inputs: tuple[torch.Tensor
     return go
 
 
-def _forward_backward(case: OpCase, fn: Callable[..., tuple[torch.Tensor, object]],
+def _forward_backward(case: OpCase, fn: Callable[..., torch.Tensor | tuple[torch.Tensor, object]],
                       inputs: tuple[torch.Tensor, ...]) -> Callable[[], None]:
     def go() -> None:
         for t in inputs:
             t.grad = None
-        out, _ = fn(*inputs, **case.kwargs)
-        out.sum().backward()
+        out = fn(*inputs, **case.kwargs)  # the output, or (output, state) for the fla-style ops
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
 
     return go
 

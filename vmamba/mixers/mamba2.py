@@ -142,7 +142,7 @@ class Mamba2Mixer(SequenceMixer):
         batch, k, length, c = x.shape
         dt, b, cc = self._project(x)
         heads = x.transpose(1, 2).reshape(batch, length, k * self.num_heads, self.head_dim)
-        y, _ = ssd(
+        y = ssd(
             heads, dt, -torch.exp(self.A_log.float()).flatten(), b, cc,
             chunk_size=self.chunk_size, D=self.D.flatten(), dt_bias=self.dt_bias.flatten(), dt_softplus=True,
         )

@@ -6,9 +6,10 @@
 Layouts follow mamba-ssm's ``mamba_chunk_scan_combined`` (time-major): ``x, z: (B, T, H, P)``,
 ``dt: (B, T, H)``, ``A: (H,)`` (negative), ``B, C: (B, T, G, N)`` where group ``g`` serves heads
 ``g * H/G ... (g+1) * H/G - 1``, ``D: (H,)`` or ``(H, P)``, ``dt_bias: (H,)``, state ``(B, H, P, N)``.
-Every form returns ``(y (B, T, H, P), final_states (B, H, P, N) or None)``, accumulates in float32 whatever
-the input dtype (float64 stays float64; autocast is off inside), returns ``y`` in ``x``'s dtype and the state
-in the accumulation dtype.
+Like ``mamba_chunk_scan_combined``, every form returns ``y (B, T, H, P)``, or ``(y, final_states (B, H, P, N))``
+with ``return_final_states=True``; it accumulates in float32 whatever the input dtype (float64 stays float64;
+autocast is off inside), returns ``y`` in ``x``'s dtype and the state in the accumulation dtype. ``dt_limit``
+clamps the step sizes after the bias and softplus, as mamba-ssm does when it is not ``(0, inf)``.
 
 SSD is decayed linear attention with ``q = C``, ``k = B``, ``v = dt * x`` and the log-decay ``dt * A``, so
 the chunked and quadratic forms run on :func:`vmamba.ops.chunking.chunked_heads_decay_attention`: time-major,
@@ -27,6 +28,8 @@ Forms, all giving the same numbers:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +38,8 @@ from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attent
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
 
 __all__ = ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]
+
+NO_DT_LIMIT = (0.0, math.inf)  # mamba-ssm's default ``dt_limit``: no clamp
 
 
 def _check(
@@ -78,15 +83,29 @@ def _check(
             )
 
 
+def _check_dt_limit(dt_limit: tuple[float, float]) -> None:
+    if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
+        raise ValueError(f"dt_limit must be a pair (low, high) with low <= high, got {dt_limit!r}")
+
+
 def _prepare_dt(
-    dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dtype: torch.dtype
+    dt: Tensor,
+    A: Tensor,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dtype: torch.dtype,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
 ) -> tuple[Tensor, Tensor]:
-    """``(dt, log_decay = dt * A)``, both ``(B, T, H)`` in ``dtype``; raises if the decay would grow."""
+    """``(dt, log_decay = dt * A)``, both ``(B, T, H)`` in ``dtype``: ``dt`` plus the bias, through softplus
+    when asked, clamped to ``dt_limit`` unless that is ``(0, inf)``; raises if the decay would grow."""
+    _check_dt_limit(dt_limit)
     dt = dt.to(dtype)
     if dt_bias is not None:
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = F.softplus(dt)
+    if tuple(dt_limit) != NO_DT_LIMIT:
+        dt = dt.clamp(dt_limit[0], dt_limit[1])
     log_decay = dt * A.to(dtype)
     if log_decay.numel() and (top := float(log_decay.detach().amax())) > 0:
         raise ValueError(
@@ -113,6 +132,11 @@ def _finish(
     return y.to(x.dtype)
 
 
+def _returned(y: Tensor, final: Tensor | None, return_final_states: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba-ssm's return convention: ``y``, or ``(y, final_states)`` when they were asked for."""
+    return (y, final) if return_final_states else y
+
+
 def _run(
     form,
     x: Tensor,
@@ -123,16 +147,18 @@ def _run(
     D: Tensor | None,
     z: Tensor | None,
     dt_bias: Tensor | None,
-    dt_softplus: bool,
     initial_states: Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
     return_final_states: bool,
     **kwargs,
 ) -> tuple[Tensor, Tensor | None]:
+    """``(y, final_states or None)`` of ``form`` (a :mod:`vmamba.ops.chunking` engine) on SSD's inputs."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     with torch.autocast(x.device.type, enabled=False):
         dtype = compute_dtype(x, dt, A, B, C)
         groups = B.shape[2]
-        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
         batch, length, heads, head_dim = x.shape
         # time-major, groups folded into the batch: (B G, T, ...) with a group's R heads side by side
         per_group = heads // groups
@@ -165,11 +191,15 @@ def ssd(
     D: Tensor | None = None,
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
     initial_states: Tensor | None = None,
+    *,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Chunked SSD (the default form), argument for argument like ``mamba_chunk_scan_combined``.
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Chunked SSD (the default form), argument for argument like ``mamba_chunk_scan_combined`` (positionally up
+    to ``initial_states``; its packed-sequence arguments ``seq_idx`` / ``cu_seqlens`` are not supported, so
+    what follows is keyword-only).
 
     Args:
         x: ``(B, T, H, P)``.
@@ -183,16 +213,19 @@ def ssd(
         D: ``(H,)`` or ``(H, P)`` skip connection.
         z: ``(B, T, H, P)`` gate: ``y * silu(z)``.
         dt_bias: ``(H,)`` added to dt.
-        dt_softplus: apply softplus to ``dt (+ dt_bias)``.
         initial_states: ``(B, H, P, N)``; zeros when None.
+        dt_softplus: apply softplus to ``dt (+ dt_bias)``.
+        dt_limit: ``(low, high)``: the step sizes (after bias and softplus) are clamped to it unless it is
+            ``(0, inf)`` (the default, no clamp); outside it their gradient is zero.
         return_final_states: also return the state after the last token.
 
     Returns:
-        ``(y (B, T, H, P) in x's dtype, final_states (B, H, P, N) float32 or None)``.
+        ``y (B, T, H, P)`` in x's dtype, or ``(y, final_states (B, H, P, N) float32)`` with
+        ``return_final_states``.
 
     Raises:
         ValueError: mismatched shapes, a wrong state shape, ``G`` not dividing ``H``, a growing decay
-        (``dt * A > 0``), a bad chunk size.
+        (``dt * A > 0``), a bad chunk size or ``dt_limit``.
 
     Example:
         >>> x = torch.randn(1, 100, 6, 32); dt = torch.randn(1, 100, 6); A = -torch.rand(6)
@@ -202,11 +235,13 @@ def ssd(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if fused_recurrence_applies(x, dt, A, B, C, D, z, dt_bias, initial_states):
-        return _fused(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, return_final_states)
-    return _run(
-        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-        return_final_states, chunk_size=chunk_size,
-    )
+        y, final = _fused(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, return_final_states)
+    else:
+        y, final = _run(
+            chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit,
+            return_final_states, chunk_size=chunk_size,
+        )
+    return _returned(y, final, return_final_states)
 
 
 def _fused(
@@ -218,17 +253,19 @@ def _fused(
     D: Tensor | None,
     z: Tensor | None,
     dt_bias: Tensor | None,
-    dt_softplus: bool,
     initial_states: Tensor | None,
+    dt_softplus: bool,
+    dt_limit: tuple[float, float],
     return_final_states: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Inference on the fused C++ recurrence: ``q = C``, ``k = B`` (grouped: the kernel maps head h to group
-    ``h // (H / G)``), ``v = dt x`` (``dt`` as the kernel's ``v_scale``), a scalar log-decay ``dt A`` per head; its ``N x P`` state is the transpose
-    of SSD's ``(P, N)`` one. Arguments and returns as :func:`ssd`."""
+    ``h // (H / G)``), ``v = dt x`` (``dt`` as the kernel's ``v_scale``), a scalar log-decay ``dt A`` per
+    head; its ``N x P`` state is the transpose of SSD's ``(P, N)`` one. Arguments as :func:`ssd`; returns
+    ``(y, final_states or None)``."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.float32
-        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
         s0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (B, H, N, P)
         # v = dt x is formed inside the kernel (v_scale), x read in place
         y, state = fused_recurrence(C, B, x, log_decay[..., None], x.shape[2], 1.0, s0, v_scale=dt[..., None])
@@ -245,18 +282,21 @@ def ssd_quadratic(
     D: Tensor | None = None,
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
     initial_states: Tensor | None = None,
+    *,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """The quadratic form with the full ``T x T`` semi-separable matrix (O(T²) memory).
 
     Arguments and returns as :func:`ssd` (without ``chunk_size``).
     """
-    return _run(
-        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
+    y, final = _run(
+        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit,
         return_final_states, chunk_size=max(1, x.shape[1]),  # one chunk: the whole mixing matrix
     )
+    return _returned(y, final, return_final_states)
 
 
 def ssd_mixing_matrix(
@@ -266,8 +306,10 @@ def ssd_mixing_matrix(
     C: Tensor,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
 ) -> Tensor:
-    """``M[b, h, t, s] = C_t . B_s exp(sum_{s<u<=t} dt_u A_h) dt_s`` for ``s <= t``, else 0.
+    """``M[b, h, t, s] = C_t . B_s exp(sum_{s<u<=t} dt_u A_h) dt_s`` for ``s <= t``, else 0 (``dt`` prepared
+    as in :func:`ssd`).
 
     ``dt: (B, T, H)``, ``B, C: (B, T, G, N) -> (B, H, T, T)`` (float32, or float64 for float64 input).
     From a zero state, ``y = M x + D x`` per head.
@@ -276,7 +318,7 @@ def ssd_mixing_matrix(
     with torch.autocast(dt.device.type, enabled=False):
         dtype = compute_dtype(dt, A, B, C)
         groups = B.shape[2]
-        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
         mix = decay_attention_matrix(
             _grouped(C.to(dtype), groups), _grouped(B.to(dtype), groups), _grouped(log_decay[..., None], groups)
         )  # (B, G, R, T, T)
@@ -292,10 +334,12 @@ def ssd_ref(
     D: Tensor | None = None,
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
     initial_states: Tensor | None = None,
+    *,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Plain recurrent loop over T: the reference every other form is tested against.
 
     Arguments and returns as :func:`ssd` (without ``chunk_size``).
@@ -304,7 +348,7 @@ def ssd_ref(
     with torch.autocast(x.device.type, enabled=False):
         batch, length, heads, head_dim = x.shape
         dtype = compute_dtype(x, dt, A, B, C)
-        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype)
+        dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
         repeat = heads // B.shape[2]
         Bh = B.to(dtype).repeat_interleave(repeat, dim=2)  # (B, T, H, N)
         Ch = C.to(dtype).repeat_interleave(repeat, dim=2)
@@ -319,7 +363,7 @@ def ssd_ref(
             h = torch.exp(a_t)[:, :, None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
             ys.append((h * C_t[:, :, None, :]).sum(-1))
         y = torch.stack(ys, dim=1) if ys else x32.new_zeros(x.shape)
-        return _finish(y, x, D, z, dtype), h if return_final_states else None
+        return _returned(_finish(y, x, D, z, dtype), h, return_final_states)
 
 
 def ssd_step(
@@ -333,6 +377,7 @@ def ssd_step(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
 ) -> tuple[Tensor, Tensor]:
     """One recurrent step for streaming inference (argument order of mamba-ssm's ``selective_state_update``).
 
@@ -346,7 +391,7 @@ def ssd_step(
     if x.dim() != 3:
         raise ValueError(f"ssd_step takes one token: x must be (B, H, P), got {tuple(x.shape)}")
     y, new_state = ssd_ref(
-        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None],
-        dt_bias, dt_softplus, initial_states=state, return_final_states=True,
+        x[:, None], dt[:, None], A, B[:, None], C[:, None], D, None if z is None else z[:, None], dt_bias,
+        initial_states=state, dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=True,
     )
     return y[:, 0], new_state
