@@ -40,6 +40,17 @@ def test_three_modes_agree(length: int, with_state: bool) -> None:
     torch.testing.assert_close(o, retention_ref(q, k, v, initial_state=None)[0])
 
 
+def test_positional_arguments_bind_as_fla_chunk_retention() -> None:
+    """``(q, k, v, scale, initial_state, output_final_state)`` positionally; mode and chunk size keyword-only."""
+    q, k, v, s0 = make(1, 9, 2, 4, 3, state=True)
+    o, state = retention(q, k, v, 0.5, s0, True)
+    ref, ref_state = retention_ref(q, k, v, scale=0.5, initial_state=s0, output_final_state=True)
+    torch.testing.assert_close(o, ref)
+    torch.testing.assert_close(state, ref_state)
+    with pytest.raises(TypeError):
+        retention(q, k, v, 0.5, s0, True, "parallel")
+
+
 @pytest.mark.parametrize("chunk", [1, 8, 64])
 def test_head_major_engine_with_scalar_decays(chunk: int) -> None:
     """chunking.chunked_decay_attention still takes one decay per head (``(..., T, 1)``); the ops now run on

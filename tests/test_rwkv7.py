@@ -49,7 +49,9 @@ def test_chunked_matches_loop(length: int, chunk: int, with_state: bool) -> None
     o, state = rwkv7(*args, scale=0.8, initial_state=s0, output_final_state=True, chunk_size=chunk)
     torch.testing.assert_close(o, ref)
     torch.testing.assert_close(state, ref_state)
-    assert rwkv7(*args)[1] is None
+    torch.testing.assert_close(rwkv7(*args, scale=0.8, initial_state=s0, chunk_size=chunk)[1], ref_state)
+    assert rwkv7(*args, output_final_state=False)[1] is None  # the state by default, as fla's chunk_rwkv7
+    assert rwkv7_ref(*args, output_final_state=False)[1] is None
 
 
 def test_generic_a_b_and_default_scale() -> None:

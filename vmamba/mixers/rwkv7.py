@@ -199,7 +199,8 @@ class RWKV7Mixer(SequenceMixer):
         self.check_input(x)
         batch, k, length, c = x.shape
         r, w, key, v, a, b, g = self._inputs(x)
-        o, _ = rwkv7(r, w, key, v, a, b, scale=1.0, chunk_size=self.chunk_size)  # (B, L, K*H, C/H)
+        # (B, L, K*H, C/H)
+        o, _ = rwkv7(r, w, key, v, a, b, scale=1.0, output_final_state=False, chunk_size=self.chunk_size)
         o = o.to(torch.promote_types(o.dtype, torch.float32))  # group norm in at least float32
         o = F.layer_norm(o, o.shape[-1:], eps=self.norm_eps * (c // self.num_heads))
         o = o.unflatten(2, (k, self.num_heads)).transpose(1, 2).reshape(batch, k, length, c).to(x.dtype)

@@ -88,6 +88,7 @@ def gla(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    *,
     chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked gated linear attention (the default form).

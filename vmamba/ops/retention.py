@@ -173,22 +173,23 @@ def retention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mode: RetentionMode | str = RetentionMode.CHUNK,
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    *,
+    mode: RetentionMode | str = RetentionMode.CHUNK,
     chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor | None]:
-    """Multi-scale retention with ``gamma_h = 1 - 2^(-5-h)``.
+    """Multi-scale retention with ``gamma_h = 1 - 2^(-5-h)``; positional arguments as fla's ``chunk_retention``.
 
     Args:
         q, k: ``(B, T, H, K)``.
         v: ``(B, T, H, V)``.
-        mode: ``chunk`` (default), ``parallel`` or ``recurrent`` (:class:`RetentionMode`).
         scale: query scale; ``None`` means ``K ** -0.5``.
         initial_state: ``(B, H, K, V)``; zeros when ``None``.
         output_final_state: also return the state after the last token.
-        chunk_size: tokens per chunk in ``chunk`` mode.
+        mode: ``chunk`` (default), ``parallel`` or ``recurrent`` (:class:`RetentionMode`), keyword-only.
+        chunk_size: tokens per chunk in ``chunk`` mode, keyword-only.
 
     Returns:
         ``(o (B, T, H, V) in v's dtype, final_state (B, H, K, V) float32 or None)``.

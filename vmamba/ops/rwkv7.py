@@ -5,7 +5,8 @@
 Conventions follow flash-linear-attention's ``chunk_rwkv7(r, w, k, v, a, b, scale=1.0, ...)`` (time-major):
 ``r, w, k, a, b: (B, T, H, K)``, ``v: (B, T, H, V)``, state ``(B, H, K, V)``; ``w`` is the log-decay
 (``<= 0``). An RWKV-7 layer passes ``a = -kk`` and ``b = kk * iclr`` with ``kk`` the L2-normalised key and
-``iclr`` the in-context learning rate. Every form returns ``(o (B, T, H, V), final_state or None)`` and
+``iclr`` the in-context learning rate. Every form returns ``(o (B, T, H, V), final_state or None)`` (the
+state unless ``output_final_state=False``: fla's ``chunk_rwkv7`` default, unlike its ``chunk_gla``) and
 accumulates in float32 whatever the input dtype (float64 stays float64; autocast is off inside).
 
 Forms, all giving the same numbers:
@@ -78,7 +79,7 @@ def rwkv7_ref(
     b: Tensor,
     scale: float | None = 1.0,
     initial_state: Tensor | None = None,
-    output_final_state: bool = False,
+    output_final_state: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Plain recurrent loop over T: the reference every other form is tested against."""
     _check(r, w, k, v, a, b, initial_state)
@@ -260,7 +261,8 @@ def rwkv7(
     b: Tensor,
     scale: float | None = 1.0,
     initial_state: Tensor | None = None,
-    output_final_state: bool = False,
+    output_final_state: bool = True,
+    *,
     chunk_size: int = 16,
 ) -> tuple[Tensor, Tensor | None]:
     """RWKV-7 generalized delta rule, chunked (the default path).
@@ -273,7 +275,8 @@ def rwkv7(
         a, b: ``(B, T, H, K)``; the state update adds ``b_t (a_t^T S_{t-1})``.
         scale: output scale; ``None`` means ``K ** -0.5``.
         initial_state: ``(B, H, K, V)``; zeros when ``None``.
-        output_final_state: also return the state after the last token.
+        output_final_state: return the state after the last token (the default, as in fla's ``chunk_rwkv7``);
+            ``False`` returns ``None`` in its place.
         chunk_size: tokens per chunk (shortened automatically for very strong decays, see module doc). The
             in-chunk work grows with Q^2 and the carry loop with T / Q; 16 is fastest on CPU at T ~ 3000.
 
@@ -342,7 +345,8 @@ def rwkv7_mixing_matrix(
         onehot = torch.eye(length - start, stop - start, device=r.device, dtype=cdt)
         onehot = onehot[None, :, None, :].expand(batch, -1, heads, -1)
         sl = slice(start, None)
-        o, _ = rwkv7(r[:, sl], w[:, sl], k[:, sl], onehot, a[:, sl], b[:, sl], scale, chunk_size=chunk_size)
+        o, _ = rwkv7(r[:, sl], w[:, sl], k[:, sl], onehot, a[:, sl], b[:, sl], scale, output_final_state=False,
+                     chunk_size=chunk_size)
         cols.append(F.pad(o.permute(0, 2, 1, 3), (0, 0, start, 0)))  # (B, H, T, stop - start)
     if not cols:
         return r.new_zeros(batch, heads, 0, 0, dtype=cdt)
