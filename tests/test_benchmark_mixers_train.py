@@ -67,3 +67,15 @@ def test_unknown_mixer_is_refused(digits) -> None:
 
 def mixer_model(mixer: str) -> str:
     return mixers_train.MODELS[mixer]
+
+
+def test_time_interleaved_rotates_the_order_every_round() -> None:
+    """Each round starts one callable later (no callable always follows the same one); every callable gets one
+    time per round, in round order."""
+    from tasks.benchmarks.common import time_interleaved
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = time_interleaved(fns, repeats=4, warmup=1)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")
+    assert all(len(t.seconds) == 4 for t in timings.values())

@@ -29,7 +29,9 @@ class Timing:
 def time_interleaved(
     fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
 ) -> dict[str, Timing]:
-    """Time several callables round-robin (A B C A B C ...) so machine noise hits all alike.
+    """Time several callables round-robin so machine noise hits all alike, the order rotated every round
+    (A B C, B C A, C A B, ...): a call's time depends on what ran just before it (caches, the allocator's free
+    memory), and rotating spreads that over every callable instead of giving each a fixed predecessor.
 
     Returns the per-callable wall-clock seconds of each repeat; compare medians.
     """
@@ -37,8 +39,11 @@ def time_interleaved(
         for fn in fns.values():
             fn()
     out = {name: Timing(name, []) for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_index in range(repeats):
+        shift = round_index % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             gc.collect()
             start = time.perf_counter()
             fn()
