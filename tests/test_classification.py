@@ -271,6 +271,10 @@ def test_validate_needs_a_model_name_for_a_foreign_checkpoint(tmp_path: Path) ->
         validate_mod.run(["--checkpoint", str(path), "--data-dir", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         validate_mod.run(["--checkpoint", str(tmp_path / "missing.pth"), "--model", "vmamba_t"])
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*truncated.pth: neither"):
+        validate_mod.main(["--checkpoint", str(truncated), "--model", "vmamba_t", "--data-dir", str(tmp_path)])
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:

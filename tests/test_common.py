@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.common.checkpoint import atomic_write, load_state, load_weights, read_weights_metadata, save_state, \
-    save_weights
+from tasks.common.checkpoint import CheckpointError, atomic_write, check_checkpoint_file, load_state, load_weights, \
+    read_weights_metadata, save_state, save_weights
 from tasks.common.config import ConfigError, apply_overrides, config_to_dict, describe_config, load_config, \
     parse_value, save_config
 from tasks.common.csv_log import CsvLog
@@ -122,6 +122,38 @@ def test_weights_round_trip_with_metadata_and_shared_storage(tmp_path: Path) -> 
     back = load_weights(tmp_path / "w.safetensors")
     assert all(torch.equal(back[k], v) for k, v in state.items())
     assert read_weights_metadata(tmp_path / "w.safetensors") == {"epoch": "3", "model": "m"}
+
+
+def _truncated(path: Path) -> Path:
+    """A copy of ``path`` cut to half its length (an interrupted download)."""
+    cut = path.with_name("cut_" + path.name)
+    data = path.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+def test_unreadable_checkpoints_are_named(tmp_path: Path) -> None:
+    """Garbage, truncated torch archives and truncated safetensors raise CheckpointError naming the file, from the
+    format check and from every loader; whole files (zip or legacy pickle, safetensors) pass the check."""
+    save_weights(tmp_path / "w.safetensors", {"a": torch.randn(64, 64)}, {"k": "v"})
+    save_state(tmp_path / "s.pt", {"epoch": 1, "w": torch.randn(64, 64)})
+    torch.save({"w": torch.randn(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for whole in ("w.safetensors", "s.pt", "legacy.pt"):
+        check_checkpoint_file(tmp_path / whole)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_text("<html>not found</html>")
+    broken = [garbage, _truncated(tmp_path / "s.pt")]
+    for path in broken:
+        with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*{path.name}: neither"):
+            check_checkpoint_file(path)
+        with pytest.raises(CheckpointError, match=path.name):
+            load_state(path)
+    cut_weights = _truncated(tmp_path / "w.safetensors")
+    for read in (check_checkpoint_file, load_weights, read_weights_metadata):
+        with pytest.raises(CheckpointError, match=f"{cut_weights.name}: not a whole safetensors file"):
+            read(cut_weights)
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        check_checkpoint_file(tmp_path / "missing.pt")
 
 
 def test_state_with_rng_loads_weights_only_and_replays(tmp_path: Path) -> None:

@@ -295,6 +295,18 @@ def test_missing_dataset_json_and_label_count_mismatch(tmp_path) -> None:
         prepare_data(cfg, _ctx())
 
 
+def test_evaluate_and_predict_name_an_unreadable_checkpoint(tmp_path) -> None:
+    """A truncated weights file ends the command line with one line naming it (no traceback)."""
+    from tasks.segmentation import evaluate as evaluate_module, predict as predict_module
+
+    cut = tmp_path / "best.safetensors"
+    cut.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{")  # a header length, then a cut-off header
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*best\.safetensors: not a whole"):
+        evaluate_module.main(["--checkpoint", str(cut)])
+    with pytest.raises(SystemExit, match=r"^error: cannot read checkpoint .*best\.safetensors: not a whole"):
+        predict_module.main(["--checkpoint", str(cut), "--input", str(tmp_path), "--output", str(tmp_path / "out")])
+
+
 def test_hold_out_split_and_its_errors(tmp_path) -> None:
     manifest = make_decathlon(tmp_path, n=3)
     info, data = read_dataset_json(manifest)

@@ -16,7 +16,7 @@ import timm
 import torch
 
 import vmamba  # noqa: F401  - registers the VMamba and Vim families with timm
-from tasks.common.checkpoint import read_weights_metadata
+from tasks.common.checkpoint import check_checkpoint_file, read_weights_metadata
 
 __all__ = ["WEIGHTS_FORMAT", "UnknownModelError", "check_model_name", "checkpoint_info", "build_model"]
 
@@ -39,10 +39,10 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CheckpointError: it is not a whole safetensors / PyTorch file (checked before timm loads it).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    check_checkpoint_file(path)
     if path.suffix != ".safetensors":
         return {}
     meta = read_weights_metadata(path)
@@ -72,6 +72,7 @@ def build_model(name: str, num_classes: int, kwargs: dict[str, Any] | None = Non
     Raises:
         UnknownModelError: ``name`` is not registered.
         FileNotFoundError: ``checkpoint`` does not exist.
+        CheckpointError: ``checkpoint`` is not a whole safetensors / PyTorch file.
     """
     check_model_name(name)
     extra: dict[str, Any] = dict(kwargs or {})

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from tasks.classification.config import ClassificationConfig, resolve_config_path
 from tasks.classification.data import ImageFolderError, PreprocessConfig, build_dataset, build_loader
 from tasks.classification.model import UnknownModelError, build_model, checkpoint_info
+from tasks.common.checkpoint import CheckpointError
 from tasks.common.cli import run_command
 from tasks.common.config import ConfigError, describe_config, load_config
 from tasks.common.distributed import DistContext, all_reduce_sum, distributed_job, env_rank
@@ -32,7 +33,7 @@ from tasks.common.precision import Precision, autocast
 __all__ = ["EvalResult", "evaluate", "validate", "run", "main", "USER_ERRORS"]
 
 # Mistakes in what the user gave us: reported as one line, without a traceback, by the command-line entry points.
-USER_ERRORS = (ConfigError, ImageFolderError, UnknownModelError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ImageFolderError, UnknownModelError, FileNotFoundError, CheckpointError)
 
 
 @dataclass(frozen=True)
