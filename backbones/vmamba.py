@@ -22,10 +22,10 @@ Official checkpoints: ``timm.create_model("vmamba_t", pretrained=True, pretraine
 with ``PATH`` a ``.pth`` holding ``{"model": state_dict}`` (or a bare state dict) or a ``.safetensors``, in the
 official classification layout, the repository's one-file layout or the legacy names;
 :func:`checkpoint_filter_fn` converts them and names any key that does not fit. The released files are
-whole training checkpoints (with a yacs config object that timm's ``weights_only`` loader refuses): add
-``custom_load=True`` to the overlay (the registry URLs set it) and :meth:`VSSM.load_pretrained` reads them with
-:func:`read_checkpoint`, which restores only tensors and takes ``"model"`` (not the EMA copy), as the
-official loader does.
+whole training checkpoints (with a yacs config object that timm's ``weights_only`` loader refuses), so every
+file goes through :meth:`VSSM.load_pretrained` (``custom_load``, which timm would otherwise switch off for a
+``file`` in the overlay; pass ``custom_load=False`` to force timm's loader): :func:`read_checkpoint` restores
+only tensors and takes ``"model"`` (not the EMA copy), as the official loader does.
 
 Input sizes: the v2 stem and downsampling are padded stride-2 convs, so any ``H, W >= 1`` works (each
 stride-2 step maps ``n -> ceil(n / 2)``; non-square is fine). The v0 patch stem needs ``H`` and ``W`` to be
@@ -709,6 +709,12 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs: Any) -> VSSM:
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and "custom_load" not in overlay:
+        # timm resets ``custom_load`` when the overlay names its own weights (``file=...``), assuming a plain
+        # state dict; released VMamba checkpoints carry a yacs config that timm's weights-only load refuses.
+        # VSSM.load_pretrained reads every format (safetensors, state dicts, the releases), so keep it.
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=True)
     return build_model_with_cfg(
         VSSM,
         variant,

@@ -229,8 +229,14 @@ def test_training_checkpoint_with_foreign_objects_loads_without_running_them(tmp
     with torch.no_grad():
         torch.testing.assert_close(_parity_model(path, custom_load=True)(x), logits, **LOGIT_TOL)  # not the EMA
     assert not pwned.exists()
-    with pytest.raises(RuntimeError, match="weights_only"):  # timm's own loader refuses such files
+    with pytest.raises(RuntimeError, match="weights_only"):  # timm's own loader (custom_load=False) refuses them
         _parity_model(path)
+    # the README's one-liner: a file in the overlay, custom_load unsaid (timm would switch it off)
+    plain = timm.create_model("vmamba_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+                              **PARITY_KWARGS).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), logits, **LOGIT_TOL)
+    assert not pwned.exists()
 
 
 @pytest.mark.parametrize("custom_load", [False, True], ids=["timm_loader", "vssm_loader"])
