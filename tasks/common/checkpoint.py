@@ -11,7 +11,8 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,15 @@ def _unreadable(path: str | Path, reason: object) -> CheckpointError:
     return CheckpointError(f"cannot read checkpoint {path}: {reason}")
 
 
+@contextmanager
+def _reading_safetensors(path: str | Path) -> Iterator[None]:
+    """Turn the safetensors reader's error on a file that is not a whole one into :class:`CheckpointError`."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise _unreadable(path, f"not a whole safetensors file ({e})") from None
+
+
 def check_checkpoint_file(path: str | Path) -> None:
     """Check, without reading it in full, that ``path`` looks like a whole checkpoint of the kind its name says
     (as timm decides): a ``.safetensors`` file whose header parses and covers the file, else a PyTorch file -
@@ -56,11 +66,8 @@ def check_checkpoint_file(path: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt"):
-                return
-        except SafetensorError as e:
-            raise _unreadable(path, f"not a whole safetensors file ({e})") from None
+        with _reading_safetensors(path), safe_open(str(path), framework="pt"):
+            return
     with open(path, "rb") as f:
         legacy_pickle = f.read(1) == b"\x80"  # pickle protocol 2+ opcode: torch's pre-1.6 format
     if not (legacy_pickle or zipfile.is_zipfile(path)):
@@ -103,23 +110,17 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor],
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file (:class:`CheckpointError` if it is not a whole one)."""
     out = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    except SafetensorError as e:
-        raise _unreadable(path, f"not a whole safetensors file ({e})") from None
+    with _reading_safetensors(path), safe_open(str(path), framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            out[key] = f.get_tensor(key)
     return out
 
 
 def read_weights_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata stored in a safetensors header (empty when none; :class:`CheckpointError` if the
     file is not a whole safetensors file)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except SafetensorError as e:
-        raise _unreadable(path, f"not a whole safetensors file ({e})") from None
+    with _reading_safetensors(path), safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def save_state(path: str | Path, state: Mapping[str, Any]) -> None:
