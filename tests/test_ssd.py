@@ -264,7 +264,7 @@ def test_bad_input_raises():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_returns_like_mamba_chunk_scan_combined(backend):
     """``y`` alone unless ``return_final_states`` (then ``(y, final_states)``); positional arguments bind as in
-    mamba-ssm up to ``initial_states`` and the rest are keyword-only."""
+    mamba-ssm."""
     x, dt, A, B, C = (t.float() for t in _inputs(length=13))
     kw = {k: (v.float() if torch.is_tensor(v) else v) for k, v in _extras(x, dt, B).items()}
     h0 = _state(x, B).float()
@@ -278,8 +278,11 @@ def test_returns_like_mamba_chunk_scan_combined(backend):
                          return_final_states=True)
         torch.testing.assert_close(positional[0], y2, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(positional[1], h, rtol=1e-5, atol=1e-5)
-        with pytest.raises(TypeError):
-            ssd(x, dt, A, B, C, 4, None, None, None, None, True)  # mamba-ssm's seq_idx slot: not taken
+        # mamba-ssm's positional order goes on: seq_idx, cu_seqlens, dt_softplus, dt_limit, return_final_states
+        all_positional = ssd(x, dt, A, B, C, 4, kw["D"], kw["z"], kw["dt_bias"], h0, None, None, True,
+                             (0.0, float("inf")), True)
+        torch.testing.assert_close(all_positional[0], y2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(all_positional[1], h, rtol=1e-5, atol=1e-5)
 
 
 def _limited_dt(dt, bias, dt_limit):
@@ -329,3 +332,174 @@ def test_dt_limit_clamps_the_step_sizes(backend):
     assert clamped.any() and torch.all(g[clamped] == 0)
     with pytest.raises(ValueError, match="dt_limit"):
         ssd(x, dt, A, B, C, dt_softplus=True, dt_limit=(1.0, 0.5))
+
+
+# --- packed sequences (seq_idx / cu_seqlens) ---------------------------------------------------------------
+
+# two rows: the first starts with sequence 0 (the initial state is its state) and has a one-token sequence and
+# a skipped index; the second starts with sequence 1 (the initial state is dropped)
+SEQ_IDX = torch.tensor([[0] * 5 + [1] + [2] * 20 + [4] * 11, [1] * 10 + [2] * 27])
+CU_SEQLENS = torch.tensor([0, 5, 6, 26, 37])  # the first row's sequences
+
+
+def _each_sequence_alone(x, dt, A, B, C, h0, seq_idx, **kw):
+    """The definition of packed sequences: every sequence scanned on its own by the loop, from the initial
+    state for sequence 0 and from zeros for the others. Returns ``(y, final states, [row 0's states])``."""
+    y = torch.zeros_like(x)
+    finals, row0_states = [], []
+    z = kw.pop("z")
+    for row in range(x.shape[0]):
+        for index in seq_idx[row].unique_consecutive():
+            where = (seq_idx[row] == index).nonzero()[:, 0]
+            a, e = int(where[0]), int(where[-1]) + 1
+            xs, dts, Bs, Cs, zs = (t[row:row + 1, a:e] for t in (x, dt, B, C, z))
+            start = h0[row:row + 1] if int(index) == 0 else None
+            y_seq, h = ssd_ref(xs, dts, A, Bs, Cs, z=zs, initial_states=start, return_final_states=True, **kw)
+            y[row, a:e] = y_seq[0]
+            if row == 0:
+                row0_states.append(h[0])
+        finals.append(h[0])
+    return y, torch.stack(finals), torch.stack(row0_states)
+
+
+def _packed_inputs(dtype=torch.float64):
+    torch.manual_seed(11)
+    x, dt, A, B, C = _inputs(length=SEQ_IDX.shape[1], dtype=dtype)
+    return x, dt, A, B, C, _extras(x, dt, B), _state(x, B)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequences_restart_the_scan(backend):
+    """seq_idx: every form equals scanning each sequence alone (outputs and final states; the initial state
+    belongs to sequence 0), for chunks that cut sequences anywhere, including a one-token sequence."""
+    x, dt, A, B, C, kw, h0 = _packed_inputs()
+    y_want, h_want, _ = _each_sequence_alone(x, dt, A, B, C, h0, SEQ_IDX, **kw)
+    y, h = ssd_ref(x, dt, A, B, C, initial_states=h0, seq_idx=SEQ_IDX, return_final_states=True, **kw)
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(h, h_want)
+    for chunk_size in (1, 4, 5, 16, 64):
+        y, h = ssd(x, dt, A, B, C, chunk_size, initial_states=h0, seq_idx=SEQ_IDX, return_final_states=True, **kw)
+        torch.testing.assert_close(y, y_want, msg=f"chunk {chunk_size}")
+        torch.testing.assert_close(h, h_want, msg=f"chunk {chunk_size}")
+    y, h = ssd_quadratic(x, dt, A, B, C, initial_states=h0, seq_idx=SEQ_IDX, return_final_states=True, **kw)
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(h, h_want)
+    f32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    with torch.no_grad(), forced_scan_backend(backend):  # float32: the fused recurrence where it applies
+        y, h = ssd(*(t.float() for t in (x, dt, A, B, C)), initial_states=h0.float(), seq_idx=SEQ_IDX,
+                   return_final_states=True, **f32)
+    torch.testing.assert_close(y.double(), y_want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_want, rtol=1e-4, atol=1e-4)
+    # one sequence numbered 0 throughout is no restart at all
+    zeros = torch.zeros_like(SEQ_IDX)
+    torch.testing.assert_close(ssd(x, dt, A, B, C, 4, initial_states=h0, seq_idx=zeros, **kw),
+                               ssd(x, dt, A, B, C, 4, initial_states=h0, **kw))
+
+
+@pytest.mark.parametrize("regime", ["mild", "steep"])
+def test_packed_sequences_gradients_match_the_loop(regime):
+    """Gradients through the chunked form with restarts equal the loop's, for mild decays (factorised blocks)
+    and steep ones (exact masked blocks); none reach the initial state of a row that starts past sequence 0."""
+    x, dt, A, B, C, kw, h0 = _packed_inputs()
+    if regime == "steep":
+        A = A * 40
+    leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, kw["dt_bias"], h0)]
+    weights = torch.randn_like(x), torch.randn_like(h0)
+
+    def loss(form, *args, **extra):
+        xs, dts, As, Bs, Cs, bias, start = args
+        y, h = form(xs, dts, As, Bs, Cs, D=kw["D"], z=kw["z"], dt_bias=bias, dt_softplus=True, initial_states=start,
+                    seq_idx=SEQ_IDX, return_final_states=True, **extra)
+        return (y * weights[0]).sum() + (h * weights[1]).sum()
+
+    grads = torch.autograd.grad(loss(ssd, *leaves, chunk_size=8), leaves)
+    grads_ref = torch.autograd.grad(loss(ssd_ref, *leaves), leaves)
+    for name, got, want in zip(["x", "dt", "A", "B", "C", "dt_bias", "h0"], grads, grads_ref):
+        torch.testing.assert_close(got, want, msg=name)
+    assert torch.all(grads[-1][1] == 0)  # row 1 starts with sequence 1
+
+
+def test_packed_sequences_gradcheck():
+    """float64 gradcheck of the chunked form with restarts inside and at the edges of chunks."""
+    torch.manual_seed(3)
+    x, dt, A, B, C = _inputs(batch=1, length=9, heads=2, head_dim=2, groups=1, d_state=2)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 3]])
+    h0 = _state(x, B)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, h0)]
+
+    def f(*args):
+        xs, dts, As, Bs, Cs, start = args
+        return ssd(xs, dts, As, Bs, Cs, 3, initial_states=start, seq_idx=seq_idx, dt_softplus=True,
+                   return_final_states=True)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_states_are_each_sequences_last_state(backend):
+    """return_varlen_states with cu_seqlens (batch 1): the state after each sequence's last token - the loop's
+    record, each sequence scanned alone, and the same from the chunked and fused forms; the last one is the
+    final state; mamba-ssm's return order (y, final_states, varlen_states); gradients flow through them."""
+    x, dt, A, B, C, kw, h0 = _packed_inputs()
+    x, dt, B, C, kw["z"], h0 = (t[:1] for t in (x, dt, B, C, kw["z"], h0))
+    seq_idx = SEQ_IDX[:1]
+    _, _, alone = _each_sequence_alone(x, dt, A, B, C, h0, seq_idx, **kw)
+    packed = dict(seq_idx=seq_idx, cu_seqlens=CU_SEQLENS, return_varlen_states=True)
+    y_ref, h_ref, states_ref = ssd_ref(x, dt, A, B, C, initial_states=h0, return_final_states=True, **packed, **kw)
+    assert states_ref.shape == (4, *h0.shape[1:])
+    torch.testing.assert_close(states_ref, alone)
+    torch.testing.assert_close(states_ref[-1], h_ref[0])
+    for form, extra in ((ssd, {"chunk_size": 8}), (ssd_quadratic, {})):
+        y, states = form(x, dt, A, B, C, initial_states=h0, **packed, **extra, **kw)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(states, states_ref)
+    f32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    with torch.no_grad(), forced_scan_backend(backend):
+        y, h, states = ssd(*(t.float() for t in (x, dt, A, B, C)), initial_states=h0.float(),
+                           return_final_states=True, **packed, **f32)
+    torch.testing.assert_close(states.double(), states_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
+    # differentiable (mamba-ssm's is not): the gradient of a sequence's state equals the loop's
+    x_leaf = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(ssd(x_leaf, dt, A, B, C, 8, **packed, **kw)[1][1].sum(), x_leaf)
+    x_leaf2 = x.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ssd_ref(x_leaf2, dt, A, B, C, **packed, **kw)[1][1].sum(), x_leaf2)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.all(g[:, :5] == 0) and torch.all(g[:, 6:] == 0)  # only sequence 1's token reaches its state
+
+
+def test_packed_mixing_matrix_is_block_diagonal():
+    """ssd_mixing_matrix(seq_idx=): zero across sequences; y = M x from a zero state equals the loop."""
+    x, dt, A, B, C, kw, _ = _packed_inputs()
+    mix = ssd_mixing_matrix(dt, A, B, C, kw["dt_bias"], True, seq_idx=SEQ_IDX)
+    across = SEQ_IDX[:, :, None] != SEQ_IDX[:, None, :]
+    assert torch.all(mix.permute(0, 2, 3, 1)[across] == 0)
+    y0 = ssd_ref(x, dt, A, B, C, dt_bias=kw["dt_bias"], dt_softplus=True, seq_idx=SEQ_IDX)
+    torch.testing.assert_close(torch.einsum("bhts,bshp->bthp", mix, x), y0)
+
+
+def test_packed_sequence_errors():
+    """Bad seq_idx / cu_seqlens are named."""
+    x, dt, A, B, C, kw, _ = _packed_inputs()
+    with pytest.raises(ValueError, match="seq_idx must be"):
+        ssd(x, dt, A, B, C, seq_idx=SEQ_IDX[:, :-1])
+    with pytest.raises(ValueError, match="integer"):
+        ssd(x, dt, A, B, C, seq_idx=SEQ_IDX.double())
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ssd(x, dt, A, B, C, seq_idx=SEQ_IDX.flip(1))
+    with pytest.raises(ValueError, match="non-negative"):
+        ssd(x, dt, A, B, C, seq_idx=SEQ_IDX - 1)
+    one = dict(x=x[:1], dt=dt[:1], A=A, B=B[:1], C=C[:1], dt_softplus=True)
+    with pytest.raises(ValueError, match="needs cu_seqlens"):
+        ssd(**one, seq_idx=SEQ_IDX[:1], return_varlen_states=True)
+    with pytest.raises(ValueError, match="needs seq_idx"):
+        ssd(**one, cu_seqlens=CU_SEQLENS, return_varlen_states=True)
+    with pytest.raises(ValueError, match="one batch row"):
+        ssd(x, dt, A, B, C, seq_idx=SEQ_IDX, cu_seqlens=CU_SEQLENS, return_varlen_states=True)
+    with pytest.raises(ValueError, match="rise from 0"):
+        ssd(**one, seq_idx=SEQ_IDX[:1], cu_seqlens=torch.tensor([0, 5, 6, 26, 36]), return_varlen_states=True)
+    with pytest.raises(ValueError, match="disagree"):
+        ssd(**one, seq_idx=SEQ_IDX[:1], cu_seqlens=torch.tensor([0, 5, 7, 26, 37]), return_varlen_states=True)
+    # cu_seqlens is read only for the varlen states, as in mamba-ssm
+    torch.testing.assert_close(ssd(**one, seq_idx=SEQ_IDX[:1], cu_seqlens=torch.tensor([0, 1])),
+                               ssd(**one, seq_idx=SEQ_IDX[:1]))

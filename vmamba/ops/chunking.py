@@ -309,22 +309,24 @@ def _(q, k, v, log_decay, initial_state, chunk_size, scale):
 
 
 def _recompute_autograd(forward: Callable[..., tuple[Tensor, Tensor]]):
-    """``(setup_context, backward)`` for an op ``(q, k, v, log_decay, initial_state, chunk_size, scale)`` whose
-    backward recomputes ``forward(..., differentiable=True)`` under autograd instead of storing intermediates."""
+    """``(setup_context, backward)`` for an op ``(q, k, v, log_decay, initial_state, chunk_size, scale, *masks)``
+    whose backward recomputes ``forward(..., differentiable=True)`` under autograd instead of storing
+    intermediates (``masks``: optional non-differentiable tensors such as the resets)."""
 
     def setup_context(ctx, inputs, output) -> None:
-        q, k, v, log_decay, initial_state, chunk_size, scale = inputs
-        ctx.save_for_backward(q, k, v, log_decay, initial_state)
-        ctx.chunk_size, ctx.scale = chunk_size, scale
+        q, k, v, log_decay, initial_state, chunk_size, scale, *masks = inputs
+        ctx.save_for_backward(q, k, v, log_decay, initial_state, *masks)
+        ctx.chunk_size, ctx.scale, ctx.num_masks = chunk_size, scale, len(masks)
 
     def backward(ctx, grad_o: Tensor | None, grad_state: Tensor | None):
-        saved = ctx.saved_tensors
+        tensors = ctx.saved_tensors  # unpacked once (activation checkpointing allows no second unpack)
+        saved, masks = tensors[:5], tensors[5:]
         with torch.enable_grad():
             leaves = [
                 None if t is None else t.detach().requires_grad_(need)
                 for t, need in zip(saved, ctx.needs_input_grad)
             ]
-            o, state = forward(*leaves, ctx.chunk_size, ctx.scale, differentiable=True)
+            o, state = forward(*leaves, ctx.chunk_size, ctx.scale, *masks, differentiable=True)
             # outputs that do not depend on a differentiable input (the state, when only q needs a gradient) drop out
             pairs = [(out, g) for out, g in ((o, grad_o), (state, grad_state)) if g is not None and out.requires_grad]
             wanted = [t for t in leaves if t is not None and t.requires_grad]
@@ -333,7 +335,8 @@ def _recompute_autograd(forward: Callable[..., tuple[Tensor, Tensor]]):
                 if pairs
                 else [None] * len(wanted)
             )
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None, None)
+        gradients = (next(grads) if t is not None and t.requires_grad else None for t in leaves)
+        return (*gradients, None, None, *(None for _ in range(ctx.num_masks)))
 
     return setup_context, backward
 
@@ -358,6 +361,23 @@ def decay_attention_macs(q, k, v, log_decay, initial_state=None, chunk_size: int
 register_macs(torch.ops.vmamba.decay_attention, decay_attention_macs)
 
 
+@dataclass
+class _ChunkSegments:
+    """Where restarts (``S_{t-1}`` dropped: a new packed sequence) cut the chunks, for ``resets (rows, Q)``."""
+
+    same: Tensor  # (rows, Q, Q): t and s in the same run of tokens (no restart in (s, t])
+    reads: Tensor  # (rows, Q): no restart up to t in the chunk: t sees the state entering the chunk
+    writes: Tensor  # (rows, Q): no restart after s in the chunk: s writes into the state leaving it
+    carries: Tensor  # (rows,): no restart in the chunk: the entering state decays into the leaving one
+
+    @staticmethod
+    def of(resets: Tensor) -> "_ChunkSegments":
+        run = resets.to(torch.int32).cumsum(1)  # restarts so far in the chunk, inclusive
+        return _ChunkSegments(
+            same=run[:, :, None] == run[:, None, :], reads=run == 0, writes=run == run[:, -1:], carries=run[:, -1] == 0
+        )
+
+
 def _heads_chunked(
     q: Tensor,
     k: Tensor,
@@ -366,6 +386,8 @@ def _heads_chunked(
     initial_state: Tensor | None,
     chunk_size: int,
     scale: float,
+    resets: Tensor | None = None,
+    *,
     differentiable: bool,
 ) -> tuple[Tensor, Tensor]:
     """The chunked algorithm for R heads that share q and k, each with one decay per token (see
@@ -380,13 +402,17 @@ def _heads_chunked(
         state = state + initial_state
     if length == 0:
         return v.new_zeros(batch, 0, heads, dv), state
+    if resets is not None:  # the log-decay at a restart multiplies a state that is dropped: never used
+        log_decay = log_decay.masked_fill(resets[..., None], 0.0)
     size = max(1, min(chunk_size, length))
     chunks = -(-length // size)
     pad = chunks * size - length
     if pad:  # zero keys and zero log-decay: the tail neither writes nor decays the state
         q, k, log_decay = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, log_decay))
         v = F.pad(v, (0, 0, 0, 0, 0, pad))
+        resets = None if resets is None else F.pad(resets, (0, pad))
     rows = batch * chunks
+    segments = None if resets is None else _ChunkSegments.of(resets.reshape(rows, size))
     qc, kc = q.reshape(rows, size, dk), k.reshape(rows, size, dk)
     vc = v.reshape(rows, size, heads, dv)
     gc = log_decay.reshape(rows, size, heads)
@@ -405,13 +431,19 @@ def _heads_chunked(
         scores = scores.tril() * scale if scale != 1.0 else scores.tril()
     else:
         scores = scores.tril_().mul_(scale) if scale != 1.0 else scores.tril_()
+    if segments is not None:  # no pair across a restart
+        scores = scores.masked_fill(~segments.same, 0.0) if differentiable else scores.masked_fill_(~segments.same, 0.0)
     weighted = (vc * far[..., None]).view(rows, size, heads * dv)
     intra = torch.bmm(scores, weighted).view(rows, size, heads, dv)  # times exp(G_t - m): the block product
-    written = torch.bmm(kc.transpose(1, 2), weighted).view(rows, dk, heads, dv)  # times exp(G_Q - m)
+    writers = kc if segments is None else kc.masked_fill(~segments.writes[..., None], 0.0)
+    written = torch.bmm(writers.transpose(1, 2), weighted).view(rows, dk, heads, dv)  # times exp(G_Q - m)
     write_scale = torch.exp((total - mid).to(dtype))[..., None]  # (rows, 1, R, 1)
     written = written * write_scale if differentiable else written.mul_(write_scale)
     written = written.view(batch, chunks, dk, heads, dv).unbind(1)
-    decays = torch.exp(total.to(dtype)).view(batch, chunks, 1, heads, 1).unbind(1)
+    decays = torch.exp(total.to(dtype))
+    if segments is not None:  # a chunk with a restart passes nothing of the state entering it on
+        decays = decays.masked_fill(~segments.carries[:, None, None], 0.0)
+    decays = decays.view(batch, chunks, 1, heads, 1).unbind(1)
     if differentiable:
         starts = []  # the state entering each chunk
         for decay, add in zip(decays, written):
@@ -427,6 +459,8 @@ def _heads_chunked(
         state = torch.addcmul(written[-1], decays[-1], entering[-1])
     read = torch.bmm(qc, starts.view(rows, dk, heads * dv)).view(rows, size, heads, dv)
     read_scale = (from_start * scale if scale != 1.0 else from_start)[..., None]
+    if segments is not None:  # tokens after a restart in their chunk do not see the state entering it
+        read_scale = read_scale.masked_fill(~segments.reads[:, :, None, None], 0.0)
     if differentiable:
         o = read * read_scale + intra * near[..., None]
     else:
@@ -454,13 +488,20 @@ def _steep_blocks(
 
 @torch.library.custom_op("vmamba::heads_decay_attention", mutates_args=())
 def _heads_decay_attention_op(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None, chunk_size: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    initial_state: Tensor | None,
+    chunk_size: int,
+    scale: float,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return _heads_chunked(q, k, v, log_decay, initial_state, chunk_size, scale, differentiable=False)
+    return _heads_chunked(q, k, v, log_decay, initial_state, chunk_size, scale, resets, differentiable=False)
 
 
 @_heads_decay_attention_op.register_fake
-def _(q, k, v, log_decay, initial_state, chunk_size, scale):
+def _(q, k, v, log_decay, initial_state, chunk_size, scale, resets=None):
     batch, length, heads, dv = v.shape
     return v.new_empty(batch, length, heads, dv), v.new_empty(batch, q.shape[-1], heads, dv)
 
@@ -488,6 +529,7 @@ def chunked_heads_decay_attention(
     initial_state: Tensor | None = None,
     chunk_size: int = 32,
     scale: float = 1.0,
+    resets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale * q_tᵀ S_t`` for R heads that share
     ``q`` and ``k`` and each have one decay per token (SSD's heads within a B/C group), time-major.
@@ -500,6 +542,9 @@ def chunked_heads_decay_attention(
         chunk_size: tokens per chunk; a chunk longer than 256 tokens (the quadratic form) forms its cumulative
             log-decays in float64.
         scale: output scale.
+        resets: ``(B, T)`` bool: where True the recurrence restarts, ``S_t = k_t v_tᵀ`` (``S_{t-1}``, and
+            ``g_t`` with it, dropped): packed sequences, a restart at each one's first token (one at ``t = 0``
+            drops the initial state). None: no restarts.
 
     Returns:
         ``o (B, T, R, V)`` and ``final_state (B, K, R, V)``, in v's dtype (float32 or float64).
@@ -508,7 +553,7 @@ def chunked_heads_decay_attention(
     ``<= 0``. Runs as the dispatcher op ``vmamba::heads_decay_attention`` (FLOPs counted by
     :func:`heads_decay_attention_macs`; the backward recomputes the forward from the inputs).
     """
-    return torch.ops.vmamba.heads_decay_attention(q, k, v, log_decay, initial_state, chunk_size, float(scale))
+    return torch.ops.vmamba.heads_decay_attention(q, k, v, log_decay, initial_state, chunk_size, float(scale), resets)
 
 
 def chunked_decay_attention(

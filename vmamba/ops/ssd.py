@@ -11,6 +11,13 @@ with ``return_final_states=True``; it accumulates in float32 whatever the input 
 autocast is off inside), returns ``y`` in ``x``'s dtype and the state in the accumulation dtype. ``dt_limit``
 clamps the step sizes after the bias and softplus, as mamba-ssm does when it is not ``(0, inf)``.
 
+Packed sequences, as in mamba-ssm: ``seq_idx (B, T)`` numbers the sequence each token belongs to
+(non-decreasing along T); the scan restarts where it changes, and ``initial_states`` is the state before
+sequence 0 (dropped when the first token's index is not 0). With ``return_varlen_states=True`` and
+``cu_seqlens (S + 1,)`` (the sequences' start offsets and the total length; batch 1) the forms also return
+the state after each sequence's last token, ``(S, H, P, N)``: ``(y, varlen_states)``, or
+``(y, final_states, varlen_states)`` with ``return_final_states``.
+
 SSD is decayed linear attention with ``q = C``, ``k = B``, ``v = dt * x`` and the log-decay ``dt * A``, so
 the chunked and quadratic forms run on :func:`vmamba.ops.chunking.chunked_heads_decay_attention`: time-major,
 a group's heads side by side, B and C shared (the ``C Bᵀ`` products, the state write ``Bᵀ v`` and read
@@ -132,9 +139,82 @@ def _finish(
     return y.to(x.dtype)
 
 
-def _returned(y: Tensor, final: Tensor | None, return_final_states: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """mamba-ssm's return convention: ``y``, or ``(y, final_states)`` when they were asked for."""
-    return (y, final) if return_final_states else y
+def _returned(
+    y: Tensor, final: Tensor | None, varlen: Tensor | None, return_final_states: bool
+) -> Tensor | tuple[Tensor, ...]:
+    """mamba-ssm's return convention: ``y``, then ``final_states`` and ``varlen_states`` when asked for."""
+    extra = ((final,) if return_final_states else ()) + ((varlen,) if varlen is not None else ())
+    return (y, *extra) if extra else y
+
+
+def _resets(seq_idx: Tensor | None, batch: int, length: int) -> Tensor | None:
+    """``(B, T)`` bool, True where a packed sequence starts (``seq_idx`` changes; at ``t = 0`` when the first
+    index is not 0, whose sequence the initial state belongs to, as in mamba-ssm); None without ``seq_idx``."""
+    if seq_idx is None:
+        return None
+    if seq_idx.shape != (batch, length):
+        raise ValueError(f"seq_idx must be (B, T) = {(batch, length)}, got {tuple(seq_idx.shape)}")
+    if seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex or seq_idx.dtype == torch.bool:
+        raise ValueError(f"seq_idx must hold integer sequence indices, got {seq_idx.dtype}")
+    previous = torch.cat([seq_idx.new_zeros(batch, min(length, 1)), seq_idx[:, :-1]], dim=1)
+    if bool((seq_idx < previous).any()):
+        raise ValueError("seq_idx must be non-negative and non-decreasing along T (the packed sequences in order)")
+    return seq_idx != previous
+
+
+def _sequence_bounds(
+    cu_seqlens: Tensor | None, resets: Tensor | None, batch: int, length: int
+) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the packed sequences named by ``cu_seqlens``, checked against the restarts
+    ``seq_idx`` marks (``return_varlen_states`` needs both, and batch 1)."""
+    if cu_seqlens is None:
+        raise ValueError("return_varlen_states needs cu_seqlens, the (S + 1,) start offsets of the packed sequences")
+    if resets is None:
+        raise ValueError("return_varlen_states needs seq_idx, so that the scan restarts at every packed sequence")
+    if batch != 1:
+        raise ValueError(f"return_varlen_states takes the packed sequences in one batch row, got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(
+            f"cu_seqlens must be (S + 1,) integer offsets, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
+        )
+    offsets = [int(c) for c in cu_seqlens.tolist()]
+    if offsets[0] != 0 or offsets[-1] != length or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T = {length}, got {offsets}")
+    starts = torch.zeros(length, dtype=torch.bool, device=resets.device)
+    starts[[c for c in offsets[1:-1] if 0 < c < length]] = True
+    if not torch.equal(starts[1:], resets[0, 1:]):
+        raise ValueError("seq_idx and cu_seqlens disagree about where the packed sequences start")
+    return list(zip(offsets, offsets[1:]))
+
+
+def _varlen_states(
+    v: Tensor,
+    B: Tensor,
+    log_decay: Tensor,
+    initial_states: Tensor | None,
+    resets: Tensor,
+    bounds: list[tuple[int, int]],
+) -> Tensor:
+    """``(S, H, P, N)``: the state after each packed sequence's last token, ``sum_s exp(G_e - G_s) v_s B_sᵀ``
+    over the sequence's tokens (``v = dt x (1, T, H, P)``, ``B (1, T, G, N)``, ``log_decay (1, T, H)``), plus
+    the decayed initial state for the sequence holding token 0 unless the scan restarts there; zeros for an
+    empty sequence. Cumulative log-decays in float64."""
+    dtype = v.dtype
+    heads, head_dim = v.shape[2:]
+    groups, d_state = B.shape[2:]
+    cum = log_decay[0].to(torch.float64).cumsum(0)  # (T, H), G_t inclusive
+    states = []
+    for start, end in bounds:
+        if end == start:
+            states.append(v.new_zeros(heads, head_dim, d_state))
+            continue
+        weight = torch.exp((cum[end - 1] - cum[start:end]).to(dtype))  # (t, H): exp(G_e - G_s)
+        vs = (v[0, start:end] * weight[..., None]).unflatten(1, (groups, -1))  # (t, G, R, P)
+        state = torch.einsum("tgrp,tgn->grpn", vs, B[0, start:end].to(dtype)).reshape(heads, head_dim, d_state)
+        if start == 0 and initial_states is not None and not bool(resets[0, 0]):
+            state = state + torch.exp(cum[end - 1].to(dtype))[:, None, None] * initial_states[0].to(dtype)
+        states.append(state)
+    return torch.stack(states)
 
 
 def _run(
@@ -148,18 +228,24 @@ def _run(
     z: Tensor | None,
     dt_bias: Tensor | None,
     initial_states: Tensor | None,
+    seq_idx: Tensor | None,
+    cu_seqlens: Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
     return_final_states: bool,
+    return_varlen_states: bool,
     **kwargs,
-) -> tuple[Tensor, Tensor | None]:
-    """``(y, final_states or None)`` of ``form`` (a :mod:`vmamba.ops.chunking` engine) on SSD's inputs."""
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(y, final_states or None, varlen_states or None)`` of ``form`` (a :mod:`vmamba.ops.chunking` engine)
+    on SSD's inputs."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    batch, length, heads, head_dim = x.shape
+    resets = _resets(seq_idx, batch, length)
+    bounds = _sequence_bounds(cu_seqlens, resets, batch, length) if return_varlen_states else None
     with torch.autocast(x.device.type, enabled=False):
         dtype = compute_dtype(x, dt, A, B, C)
         groups = B.shape[2]
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
-        batch, length, heads, head_dim = x.shape
         # time-major, groups folded into the batch: (B G, T, ...) with a group's R heads side by side
         per_group = heads // groups
         v = (x.to(dtype) * dt[..., None]).view(batch, length, groups, per_group, head_dim)
@@ -172,13 +258,17 @@ def _run(
             state = initial_states.to(dtype).view(batch, groups, per_group, head_dim, B.shape[3])
             state = state.permute(0, 1, 4, 2, 3)
             state = state.reshape(batch * groups, B.shape[3], per_group, head_dim)
-        y, state = form(q, k, v, g, state, **kwargs)  # (B G, T, R, P), (B G, N, R, P)
+        group_resets = None if resets is None else resets.repeat_interleave(groups, dim=0)
+        y, state = form(q, k, v, g, state, resets=group_resets, **kwargs)  # (B G, T, R, P), (B G, N, R, P)
         y = y.view(batch, groups, length, per_group, head_dim).transpose(1, 2).reshape(batch, length, heads, head_dim)
         final = None
         if return_final_states:
             final = state.view(batch, groups, B.shape[3], per_group, head_dim).permute(0, 1, 3, 4, 2)
             final = final.reshape(batch, heads, head_dim, B.shape[3])
-        return _finish(y, x, D, z, dtype), final
+        varlen = None
+        if bounds is not None:
+            varlen = _varlen_states(x.to(dtype) * dt[..., None], B, log_decay, initial_states, resets, bounds)
+        return _finish(y, x, D, z, dtype), final, varlen
 
 
 def ssd(
@@ -192,14 +282,14 @@ def ssd(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     initial_states: Tensor | None = None,
-    *,
+    seq_idx: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Chunked SSD (the default form), argument for argument like ``mamba_chunk_scan_combined`` (positionally up
-    to ``initial_states``; its packed-sequence arguments ``seq_idx`` / ``cu_seqlens`` are not supported, so
-    what follows is keyword-only).
+    return_varlen_states: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
+    """Chunked SSD (the default form), argument for argument like ``mamba_chunk_scan_combined``.
 
     Args:
         x: ``(B, T, H, P)``.
@@ -213,19 +303,27 @@ def ssd(
         D: ``(H,)`` or ``(H, P)`` skip connection.
         z: ``(B, T, H, P)`` gate: ``y * silu(z)``.
         dt_bias: ``(H,)`` added to dt.
-        initial_states: ``(B, H, P, N)``; zeros when None.
+        initial_states: ``(B, H, P, N)``; zeros when None. With ``seq_idx``, the state before sequence 0.
+        seq_idx: ``(B, T)`` integers, non-decreasing along T: the packed sequence of each token; the scan
+            restarts wherever it changes (and at ``t = 0`` when it is not 0 there, dropping the initial state).
+        cu_seqlens: ``(S + 1,)`` the packed sequences' start offsets and T; read only for
+            ``return_varlen_states`` (then batch 1, and ``seq_idx`` must mark the same sequences).
         dt_softplus: apply softplus to ``dt (+ dt_bias)``.
         dt_limit: ``(low, high)``: the step sizes (after bias and softplus) are clamped to it unless it is
             ``(0, inf)`` (the default, no clamp); outside it their gradient is zero.
         return_final_states: also return the state after the last token.
+        return_varlen_states: also return the state after each packed sequence's last token (differentiable,
+            unlike mamba-ssm's).
 
     Returns:
-        ``y (B, T, H, P)`` in x's dtype, or ``(y, final_states (B, H, P, N) float32)`` with
-        ``return_final_states``.
+        ``y (B, T, H, P)`` in x's dtype; ``(y, final_states (B, H, P, N))`` with ``return_final_states``;
+        ``(y, varlen_states (S, H, P, N))`` with ``return_varlen_states``; ``(y, final_states, varlen_states)``
+        with both. States in float32 (float64 for float64 inputs).
 
     Raises:
         ValueError: mismatched shapes, a wrong state shape, ``G`` not dividing ``H``, a growing decay
-        (``dt * A > 0``), a bad chunk size or ``dt_limit``.
+        (``dt * A > 0``), a bad chunk size or ``dt_limit``, a decreasing ``seq_idx``, ``cu_seqlens`` missing
+        or disagreeing with ``seq_idx``.
 
     Example:
         >>> x = torch.randn(1, 100, 6, 32); dt = torch.randn(1, 100, 6); A = -torch.rand(6)
@@ -234,14 +332,15 @@ def ssd(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    arguments = (
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, dt_softplus, dt_limit,
+        return_final_states, return_varlen_states,
+    )
     if fused_recurrence_applies(x, dt, A, B, C, D, z, dt_bias, initial_states):
-        y, final = _fused(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, return_final_states)
+        outputs = _fused(*arguments)
     else:
-        y, final = _run(
-            chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit,
-            return_final_states, chunk_size=chunk_size,
-        )
-    return _returned(y, final, return_final_states)
+        outputs = _run(chunked_heads_decay_attention, *arguments, chunk_size=chunk_size)
+    return _returned(*outputs, return_final_states)
 
 
 def _fused(
@@ -254,23 +353,33 @@ def _fused(
     z: Tensor | None,
     dt_bias: Tensor | None,
     initial_states: Tensor | None,
+    seq_idx: Tensor | None,
+    cu_seqlens: Tensor | None,
     dt_softplus: bool,
     dt_limit: tuple[float, float],
     return_final_states: bool,
-) -> tuple[Tensor, Tensor | None]:
+    return_varlen_states: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Inference on the fused C++ recurrence: ``q = C``, ``k = B`` (grouped: the kernel maps head h to group
     ``h // (H / G)``), ``v = dt x`` (``dt`` as the kernel's ``v_scale``), a scalar log-decay ``dt A`` per
-    head; its ``N x P`` state is the transpose of SSD's ``(P, N)`` one. Arguments as :func:`ssd`; returns
-    ``(y, final_states or None)``."""
+    head, ``-inf`` where a packed sequence restarts (``exp`` gives exactly 0); its ``N x P`` state is the
+    transpose of SSD's ``(P, N)`` one. Arguments as :func:`_run` without the chunked form;
+    returns ``(y, final_states or None, varlen_states or None)``."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    resets = _resets(seq_idx, x.shape[0], x.shape[1])
+    bounds = _sequence_bounds(cu_seqlens, resets, x.shape[0], x.shape[1]) if return_varlen_states else None
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.float32
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
+        kernel_decay = log_decay if resets is None else log_decay.masked_fill(resets[..., None], float("-inf"))
         s0 = None if initial_states is None else initial_states.transpose(-1, -2)  # (B, H, N, P)
         # v = dt x is formed inside the kernel (v_scale), x read in place
-        y, state = fused_recurrence(C, B, x, log_decay[..., None], x.shape[2], 1.0, s0, v_scale=dt[..., None])
+        y, state = fused_recurrence(C, B, x, kernel_decay[..., None], x.shape[2], 1.0, s0, v_scale=dt[..., None])
         final = state.transpose(-1, -2).contiguous() if return_final_states else None
-        return _finish(y, x, D, z, dtype), final
+        varlen = None
+        if bounds is not None:
+            varlen = _varlen_states(x.to(dtype) * dt[..., None], B, log_decay, initial_states, resets, bounds)
+        return _finish(y, x, D, z, dtype), final, varlen
 
 
 def ssd_quadratic(
@@ -283,20 +392,23 @@ def ssd_quadratic(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     initial_states: Tensor | None = None,
-    *,
+    seq_idx: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_varlen_states: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """The quadratic form with the full ``T x T`` semi-separable matrix (O(T²) memory).
 
     Arguments and returns as :func:`ssd` (without ``chunk_size``).
     """
-    y, final = _run(
-        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit,
-        return_final_states, chunk_size=max(1, x.shape[1]),  # one chunk: the whole mixing matrix
+    outputs = _run(
+        chunked_heads_decay_attention, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+        dt_softplus, dt_limit, return_final_states, return_varlen_states,
+        chunk_size=max(1, x.shape[1]),  # one chunk: the whole mixing matrix
     )
-    return _returned(y, final, return_final_states)
+    return _returned(*outputs, return_final_states)
 
 
 def ssd_mixing_matrix(
@@ -307,22 +419,30 @@ def ssd_mixing_matrix(
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_DT_LIMIT,
+    seq_idx: Tensor | None = None,
 ) -> Tensor:
     """``M[b, h, t, s] = C_t . B_s exp(sum_{s<u<=t} dt_u A_h) dt_s`` for ``s <= t``, else 0 (``dt`` prepared
-    as in :func:`ssd`).
+    as in :func:`ssd`); with ``seq_idx`` (packed sequences, as in :func:`ssd`) also 0 where ``s`` and ``t``
+    lie in different sequences.
 
     ``dt: (B, T, H)``, ``B, C: (B, T, G, N) -> (B, H, T, T)`` (float32, or float64 for float64 input).
     From a zero state, ``y = M x + D x`` per head.
     """
     _check(None, dt, A, B, C, dt_bias=dt_bias)
+    resets = _resets(seq_idx, *dt.shape[:2])
     with torch.autocast(dt.device.type, enabled=False):
         dtype = compute_dtype(dt, A, B, C)
         groups = B.shape[2]
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
+        if resets is not None:  # the decay into a sequence's first token only acts across sequences
+            log_decay = log_decay.masked_fill(resets[..., None], 0.0)
         mix = decay_attention_matrix(
             _grouped(C.to(dtype), groups), _grouped(B.to(dtype), groups), _grouped(log_decay[..., None], groups)
         )  # (B, G, R, T, T)
-        return mix.flatten(1, 2) * dt.transpose(1, 2)[:, :, None, :]
+        mix = mix.flatten(1, 2) * dt.transpose(1, 2)[:, :, None, :]
+        if seq_idx is not None:
+            mix = mix * (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
+        return mix
 
 
 def ssd_ref(
@@ -335,18 +455,22 @@ def ssd_ref(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     initial_states: Tensor | None = None,
-    *,
+    seq_idx: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
     dt_softplus: bool = False,
     dt_limit: tuple[float, float] = NO_DT_LIMIT,
     return_final_states: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_varlen_states: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Plain recurrent loop over T: the reference every other form is tested against.
 
     Arguments and returns as :func:`ssd` (without ``chunk_size``).
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
+    batch, length, heads, head_dim = x.shape
+    resets = _resets(seq_idx, batch, length)
+    bounds = _sequence_bounds(cu_seqlens, resets, batch, length) if return_varlen_states else None
     with torch.autocast(x.device.type, enabled=False):
-        batch, length, heads, head_dim = x.shape
         dtype = compute_dtype(x, dt, A, B, C)
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
         repeat = heads // B.shape[2]
@@ -357,13 +481,21 @@ def ssd_ref(
             h = x32.new_zeros(batch, heads, head_dim, B.shape[3])
         else:
             h = initial_states.to(dtype)
-        ys = []
+        keep = torch.exp(log_decay)  # (B, T, H): how much of h_{t-1} h_t keeps
+        if resets is not None:  # a new packed sequence starts from nothing
+            keep = keep.masked_fill(resets[..., None], 0.0)
+        ys, after = [], []  # outputs; states after each token (for the packed sequences' states)
         # unbind, not x[:, t]: each indexing op's backward would write a full-size gradient per step (O(T^2))
-        for a_t, dt_t, x_t, B_t, C_t in zip(*(t.unbind(1) for t in (log_decay, dt, x32, Bh, Ch))):
-            h = torch.exp(a_t)[:, :, None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
+        for keep_t, dt_t, x_t, B_t, C_t in zip(*(t.unbind(1) for t in (keep, dt, x32, Bh, Ch))):
+            h = keep_t[:, :, None, None] * h + (dt_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
             ys.append((h * C_t[:, :, None, :]).sum(-1))
+            if bounds is not None:
+                after.append(h[0])
         y = torch.stack(ys, dim=1) if ys else x32.new_zeros(x.shape)
-        return _returned(_finish(y, x, D, z, dtype), h, return_final_states)
+        varlen = None
+        if bounds is not None:  # the state after each sequence's last token; zeros for an empty one
+            varlen = torch.stack([after[end - 1] if end > start else h.new_zeros(h.shape[1:]) for start, end in bounds])
+        return _returned(_finish(y, x, D, z, dtype), h, varlen, return_final_states)
 
 
 def ssd_step(
