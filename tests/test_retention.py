@@ -41,13 +41,14 @@ def test_three_modes_agree(length: int, with_state: bool) -> None:
 
 
 def test_positional_arguments_bind_as_fla_chunk_retention() -> None:
-    """``(q, k, v, scale, initial_state, output_final_state)`` positionally; mode and chunk size keyword-only."""
+    """``(q, k, v, scale, initial_state, output_final_state, cu_seqlens)`` positionally; mode and chunk size
+    keyword-only (a mode in cu_seqlens' slot is refused)."""
     q, k, v, s0 = make(1, 9, 2, 4, 3, state=True)
     o, state = retention(q, k, v, 0.5, s0, True)
     ref, ref_state = retention_ref(q, k, v, scale=0.5, initial_state=s0, output_final_state=True)
     torch.testing.assert_close(o, ref)
     torch.testing.assert_close(state, ref_state)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="cu_seqlens"):
         retention(q, k, v, 0.5, s0, True, "parallel")
 
 

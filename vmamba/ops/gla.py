@@ -19,6 +19,9 @@ Forms, all giving the same numbers:
 * :func:`gla_quadratic` / :func:`gla_mixing_matrix` — the quadratic form ``o = M v`` with
   ``M[t, s] = scale * sum_k q[t,k] k[s,k] exp(sum_{s<u<=t} g[u,k])``.
 * :func:`gla_step` — one token, for streaming inference.
+
+:func:`gla` also takes fla's ``cu_seqlens``: sequences of different lengths packed in one batch row, each
+scanned on its own (:mod:`vmamba.ops.varlen`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
+from .varlen import PackedSequences
 
 __all__ = ["gla", "gla_ref", "gla_step", "gla_quadratic", "gla_mixing_matrix"]
 
@@ -88,26 +92,30 @@ def gla(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
     *,
     chunk_size: int = 32,
 ) -> tuple[Tensor, Tensor | None]:
-    """Chunked gated linear attention (the default form).
+    """Chunked gated linear attention (the default form); positional arguments as fla's ``chunk_gla``.
 
     Args:
         q, k: ``(B, T, H, K)``.
         v: ``(B, T, H, V)``.
         g: ``(B, T, H, K)`` log-space decay, ``<= 0`` (e.g. ``logsigmoid(x) / 16``).
         scale: query scale; ``None`` means ``K ** -0.5``.
-        initial_state: ``(B, H, K, V)``; zeros when None.
-        output_final_state: also return the state after the last token.
+        initial_state: ``(B, H, K, V)``, or ``(N, H, K, V)`` with ``cu_seqlens``; zeros when None.
+        output_final_state: also return the state after the last token (of each sequence with ``cu_seqlens``).
+        cu_seqlens: ``(N + 1,)`` start offsets of N sequences packed in one batch row, then T (fla's
+            variable-length convention, :mod:`vmamba.ops.varlen`): each is scanned on its own.
         chunk_size: tokens per chunk (a power of two is fastest; 32 measured about 10% faster than 64 on CPU
             at T=3136, H=4, K=V=32).
 
     Returns:
-        ``(o (B, T, H, V) in q's dtype, final_state (B, H, K, V) float32 or None)``.
+        ``(o (B, T, H, V) in q's dtype, final_state (B or N, H, K, V) float32 or None)``.
 
     Raises:
-        ValueError: mismatched shapes, a wrong state shape, a positive log-decay, a bad chunk size.
+        ValueError: mismatched shapes, a wrong state shape, a positive log-decay, a bad chunk size or
+        ``cu_seqlens``.
 
     Example:
         >>> q = k = torch.randn(1, 100, 4, 32); v = torch.randn(1, 100, 4, 32)
@@ -116,6 +124,13 @@ def gla(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if cu_seqlens is not None:  # padding tokens (zero q, k, v and log-decay) leave the state as it is
+        _check(q, k, v, g, None)
+        packed = PackedSequences.of(cu_seqlens, q.shape[0], q.shape[1])
+        packed.check_initial_state(initial_state)
+        padded = (packed.pad(t) for t in (q, k, v, g))
+        o, state = gla(*padded, scale, initial_state, output_final_state, chunk_size=chunk_size)
+        return packed.unpad(o), state
     if fused_recurrence_applies(q, k, v, g, initial_state):  # inference: the fused C++ recurrence
         _check(q, k, v, g, initial_state)
         with torch.autocast(q.device.type, enabled=False):

@@ -24,7 +24,9 @@ around each chunk's midpoint for RetNet's gentle decays (no ``exp`` over the ``Q
 When no input needs a gradient (inference) and the fused backend is active, the ``chunk`` and ``parallel``
 modes run the fused C++ recurrence instead (:mod:`vmamba.ops.fused.recurrence`; float32 / half on CPU).
 
-:func:`retention_step` is the single-step form for streaming inference.
+:func:`retention_step` is the single-step form for streaming inference. :func:`retention` also takes fla's
+``cu_seqlens``: sequences of different lengths packed in one batch row, each scanned on its own
+(:mod:`vmamba.ops.varlen`; the padding's decay is switched off).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
+from .varlen import PackedSequences
 
 __all__ = [
     "RetentionMode",
@@ -111,20 +114,32 @@ def retention_ref(
 ) -> tuple[Tensor, Tensor | None]:
     """Plain recurrent loop over T: the reference every other form is tested against."""
     _check(q, k, v, initial_state)
+    o, state = _recurrent(q, k, v, scale, initial_state)
+    return o, _final(state, output_final_state)
+
+
+def _recurrent(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None, initial_state: Tensor | None, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The loop: ``(o, final_state)``; where ``valid (B, T)`` is False (padding) the state stays as it is."""
     with torch.autocast(q.device.type, enabled=False):
-        batch, _, heads, dk = q.shape
+        batch, length, heads, dk = q.shape
         s = _scale(scale, dk)
         cdt = compute_dtype(q, k, v)
         gamma = retention_log_decays(heads, q.device, cdt).exp()[None, :, None, None]
+        if valid is None:
+            keeps = [gamma] * length
+        else:  # padding keeps the state: factor 1
+            keeps = [torch.where(m[:, None, None, None], gamma, 1.0) for m in valid.T]
         q32, k32, v32 = q.to(cdt), k.to(cdt), v.to(cdt)
         state = q32.new_zeros(batch, heads, dk, v.shape[-1]) if initial_state is None else initial_state.to(cdt)
         outs = []
         # unbind, not k32[:, t]: each indexing op's backward would write a full-size gradient per step (O(T^2))
-        for q_t, k_t, v_t in zip(*(t.unbind(1) for t in (q32, k32, v32))):
-            state = gamma * state + k_t[..., None] * v_t[..., None, :]
+        for keep, q_t, k_t, v_t in zip(keeps, *(t.unbind(1) for t in (q32, k32, v32))):
+            state = keep * state + k_t[..., None] * v_t[..., None, :]
             outs.append(torch.einsum("bhk,bhkv->bhv", q_t, state) * s)
         o = torch.stack(outs, dim=1) if outs else v32.new_zeros(v.shape)
-    return o.to(v.dtype), _final(state, output_final_state)
+    return o.to(v.dtype), state
 
 
 def retention_step(
@@ -176,6 +191,7 @@ def retention(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
     *,
     mode: RetentionMode | str = RetentionMode.CHUNK,
     chunk_size: int = 32,
@@ -186,40 +202,71 @@ def retention(
         q, k: ``(B, T, H, K)``.
         v: ``(B, T, H, V)``.
         scale: query scale; ``None`` means ``K ** -0.5``.
-        initial_state: ``(B, H, K, V)``; zeros when ``None``.
-        output_final_state: also return the state after the last token.
+        initial_state: ``(B, H, K, V)``, or ``(N, H, K, V)`` with ``cu_seqlens``; zeros when ``None``.
+        output_final_state: also return the state after the last token (of each sequence with ``cu_seqlens``).
+        cu_seqlens: ``(N + 1,)`` start offsets of N sequences packed in one batch row, then T (fla's
+            variable-length convention, :mod:`vmamba.ops.varlen`): each is scanned on its own.
         mode: ``chunk`` (default), ``parallel`` or ``recurrent`` (:class:`RetentionMode`), keyword-only.
         chunk_size: tokens per chunk in ``chunk`` mode, keyword-only.
 
     Returns:
-        ``(o (B, T, H, V) in v's dtype, final_state (B, H, K, V) float32 or None)``.
+        ``(o (B, T, H, V) in v's dtype, final_state (B or N, H, K, V) float32 or None)``.
 
     Raises:
-        ValueError: mismatched shapes, a wrong state shape, an unknown mode or a bad chunk size.
+        ValueError: mismatched shapes, a wrong state shape, an unknown mode, a bad chunk size or
+        ``cu_seqlens``.
 
     Example:
         >>> q = k = torch.randn(1, 100, 4, 32); v = torch.randn(1, 100, 4, 32)
         >>> o, s = retention(q, k, v, output_final_state=True)  # o: (1, 100, 4, 32), s: (1, 4, 32, 32)
     """
     mode = RetentionMode.parse(mode)
-    _check(q, k, v, initial_state)
+    _check(q, k, v, initial_state if cu_seqlens is None else None)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if cu_seqlens is None:
+        o, state = _retention(q, k, v, scale, initial_state, mode, chunk_size)
+        return o, _final(state, output_final_state)
+    packed = PackedSequences.of(cu_seqlens, q.shape[0], q.shape[1])
+    packed.check_initial_state(initial_state)
+    padded = [packed.pad(t) for t in (q, k, v)]
+    _check(*padded, initial_state)
+    # retention decays every step, padding included: the padding's decay is switched off instead
+    o, state = _retention(*padded, scale, initial_state, mode, chunk_size, valid=packed.valid(q.device))
+    return packed.unpad(o), _final(state, output_final_state)
+
+
+def _retention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float | None,
+    initial_state: Tensor | None,
+    mode: RetentionMode,
+    chunk_size: int,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(o, final_state)`` of :func:`retention`'s form ``mode`` on checked inputs; where ``valid (B, T)`` is
+    False (padding) the state stays as it is (no decay; the padding's q, k, v are zeros)."""
     if mode is RetentionMode.RECURRENT:
-        return retention_ref(q, k, v, scale, initial_state, output_final_state)
+        return _recurrent(q, k, v, scale, initial_state, valid)
     if fused_recurrence_applies(q, k, v, initial_state):  # inference: the fused C++ recurrence
         with torch.autocast(q.device.type, enabled=False):
             batch, length, heads, dk = q.shape
             log_gamma = retention_log_decays(heads, q.device, torch.float32)  # one scalar decay per head
             log_alpha = log_gamma[None, None, :, None].expand(batch, length, heads, 1)  # stride 0: no copy
+            if valid is not None:
+                log_alpha = log_alpha.masked_fill(~valid[:, :, None, None], 0.0)
             o, state = fused_recurrence(q, k, v, log_alpha, heads, _scale(scale, dk), initial_state)
-        return o.to(v.dtype), _final(state, output_final_state)
+        return o.to(v.dtype), state
     with torch.autocast(q.device.type, enabled=False):
         batch, length, heads, dk = q.shape
         cdt = compute_dtype(q, k, v)
         # every head its own batch row of the heads engine (R = 1): (B H, T, D), decays (B H, T, 1)
         qh, kh, vh = (t.to(cdt).transpose(1, 2).reshape(batch * heads, length, t.shape[-1]) for t in (q, k, v))
         log_decay = retention_log_decays(heads, q.device, cdt)[None, :, None].expand(batch, heads, length)
+        if valid is not None:
+            log_decay = log_decay * valid[:, None, :]
         s0 = None if initial_state is None else initial_state.to(cdt).reshape(batch * heads, dk, 1, v.shape[-1])
         size = max(1, length) if mode is RetentionMode.PARALLEL else chunk_size  # parallel: one chunk
         o, state = chunked_heads_decay_attention(
@@ -227,4 +274,4 @@ def retention(
         )
         o = o.view(batch, heads, length, v.shape[-1]).transpose(1, 2)
         state = state.view(batch, heads, dk, v.shape[-1])
-    return o.to(v.dtype), _final(state, output_final_state)
+    return o.to(v.dtype), state

@@ -22,6 +22,9 @@ Forms, all giving the same numbers:
   ``o = M v`` with ``M[t, s] = scale * r_t^T A_t ... A_{s+1} k_s`` and ``A_t = diag(exp w_t) + b_t a_t^T``.
 * :func:`rwkv7_step` — one token, for streaming inference.
 
+:func:`rwkv7` also takes fla's ``cu_seqlens``: sequences of different lengths packed in one batch row, each
+scanned on its own (:mod:`vmamba.ops.varlen`).
+
 Numerical stability: in-chunk pairwise decays ``exp(G_t - G_s)`` (``G`` the in-chunk cumulative log
 decay, per key channel) are factorised around a per-channel reference point in the middle of the chunk,
 so neither factor exceeds ``exp(LOG_RANGE_LIMIT / 2)`` (:data:`vmamba.ops.chunking.LOG_RANGE_LIMIT`, the
@@ -39,6 +42,7 @@ from torch import Tensor
 
 from .chunking import LOG_RANGE_LIMIT, compute_dtype
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
+from .varlen import PackedSequences
 
 __all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix"]
 
@@ -262,10 +266,11 @@ def rwkv7(
     scale: float | None = 1.0,
     initial_state: Tensor | None = None,
     output_final_state: bool = True,
+    cu_seqlens: Tensor | None = None,
     *,
     chunk_size: int = 16,
 ) -> tuple[Tensor, Tensor | None]:
-    """RWKV-7 generalized delta rule, chunked (the default path).
+    """RWKV-7 generalized delta rule, chunked (the default path); positional arguments as fla's ``chunk_rwkv7``.
 
     Args:
         r: receptance (query) ``(B, T, H, K)``.
@@ -274,23 +279,33 @@ def rwkv7(
         v: value ``(B, T, H, V)``.
         a, b: ``(B, T, H, K)``; the state update adds ``b_t (a_t^T S_{t-1})``.
         scale: output scale; ``None`` means ``K ** -0.5``.
-        initial_state: ``(B, H, K, V)``; zeros when ``None``.
-        output_final_state: return the state after the last token (the default, as in fla's ``chunk_rwkv7``);
-            ``False`` returns ``None`` in its place.
+        initial_state: ``(B, H, K, V)``, or ``(N, H, K, V)`` with ``cu_seqlens``; zeros when ``None``.
+        output_final_state: return the state after the last token (the default, as in fla's ``chunk_rwkv7``;
+            of each sequence with ``cu_seqlens``); ``False`` returns ``None`` in its place.
+        cu_seqlens: ``(N + 1,)`` start offsets of N sequences packed in one batch row, then T (fla's
+            variable-length convention, :mod:`vmamba.ops.varlen`): each is scanned on its own.
         chunk_size: tokens per chunk (shortened automatically for very strong decays, see module doc). The
             in-chunk work grows with Q^2 and the carry loop with T / Q; 16 is fastest on CPU at T ~ 3000.
 
     Returns:
-        ``(o (B, T, H, V) in v's dtype, final_state (B, H, K, V) or None)``.
+        ``(o (B, T, H, V) in v's dtype, final_state (B or N, H, K, V) or None)``.
 
     Raises:
-        ValueError: mismatched shapes, a wrong state shape, a positive log-decay or a bad chunk size.
+        ValueError: mismatched shapes, a wrong state shape, a positive log-decay, a bad chunk size or
+        ``cu_seqlens``.
 
     Example:
         >>> r, k, kk = torch.randn(3, 1, 100, 4, 32).unbind(0)
         >>> kk = F.normalize(kk, dim=-1); w = -F.softplus(torch.randn(1, 100, 4, 32))
         >>> o, _ = rwkv7(r, w, k, torch.randn(1, 100, 4, 32), -kk, kk * 0.5)  # o: (1, 100, 4, 32)
     """
+    if cu_seqlens is not None:  # padding tokens (zero r, k, v, a, b and log-decay) leave the state as it is
+        _check(r, w, k, v, a, b, None)
+        packed = PackedSequences.of(cu_seqlens, r.shape[0], r.shape[1])
+        packed.check_initial_state(initial_state)
+        padded = (packed.pad(t) for t in (r, w, k, v, a, b))
+        o, state = rwkv7(*padded, scale, initial_state, output_final_state, chunk_size=chunk_size)
+        return packed.unpad(o), state
     _check(r, w, k, v, a, b, initial_state)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
