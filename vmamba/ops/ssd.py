@@ -43,6 +43,7 @@ from torch import Tensor
 
 from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
+from .varlen import PackedSequences
 
 __all__ = ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]
 
@@ -171,15 +172,8 @@ def _sequence_bounds(
         raise ValueError("return_varlen_states needs cu_seqlens, the (S + 1,) start offsets of the packed sequences")
     if resets is None:
         raise ValueError("return_varlen_states needs seq_idx, so that the scan restarts at every packed sequence")
-    if batch != 1:
-        raise ValueError(f"return_varlen_states takes the packed sequences in one batch row, got batch {batch}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
-        raise ValueError(
-            f"cu_seqlens must be (S + 1,) integer offsets, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
-        )
-    offsets = [int(c) for c in cu_seqlens.tolist()]
-    if offsets[0] != 0 or offsets[-1] != length or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 to T = {length}, got {offsets}")
+    lengths = PackedSequences.of(cu_seqlens, batch, length).lengths  # batch 1, integer offsets rising 0..T
+    offsets = [0, *lengths.cumsum(0).tolist()]
     starts = torch.zeros(length, dtype=torch.bool, device=resets.device)
     starts[[c for c in offsets[1:-1] if 0 < c < length]] = True
     if not torch.equal(starts[1:], resets[0, 1:]):
