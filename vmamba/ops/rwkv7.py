@@ -6,7 +6,8 @@ Conventions follow flash-linear-attention's ``chunk_rwkv7(r, w, k, v, a, b, scal
 ``r, w, k, a, b: (B, T, H, K)``, ``v: (B, T, H, V)``, state ``(B, H, K, V)``; ``w`` is the log-decay
 (``<= 0``). An RWKV-7 layer passes ``a = -kk`` and ``b = kk * iclr`` with ``kk`` the L2-normalised key and
 ``iclr`` the in-context learning rate. Every form returns ``(o (B, T, H, V), final_state or None)`` (the
-state unless ``output_final_state=False``: fla's ``chunk_rwkv7`` default, unlike its ``chunk_gla``) and
+state unless ``output_final_state=False``: the default of fla's ``chunk_rwkv7`` until its current releases,
+which default to False - returning the state either way serves code written for both) and
 accumulates in float32 whatever the input dtype (float64 stays float64; autocast is off inside).
 
 Forms, all giving the same numbers:
@@ -280,7 +281,7 @@ def rwkv7(
         a, b: ``(B, T, H, K)``; the state update adds ``b_t (a_t^T S_{t-1})``.
         scale: output scale; ``None`` means ``K ** -0.5``.
         initial_state: ``(B, H, K, V)``, or ``(N, H, K, V)`` with ``cu_seqlens``; zeros when ``None``.
-        output_final_state: return the state after the last token (the default, as in fla's ``chunk_rwkv7``;
+        output_final_state: return the state after the last token (the default, as in older fla ``chunk_rwkv7``;
             of each sequence with ``cu_seqlens``); ``False`` returns ``None`` in its place.
         cu_seqlens: ``(N + 1,)`` start offsets of N sequences packed in one batch row, then T (fla's
             variable-length convention, :mod:`vmamba.ops.varlen`): each is scanned on its own.
