@@ -122,3 +122,18 @@ def test_packed_errors_are_named(name):
         op(*tokens, None, None, True, CU_SEQLENS.double())
     with pytest.raises(ValueError, match="one state per sequence"):
         op(*tokens, None, states[:4], True, CU_SEQLENS)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_packed_gradcheck(name):
+    """float64 gradcheck of the packed chunked form on tiny sequences (lengths 2, 1, 3; chunks of 2)."""
+    op, _, names = OPS[name]
+    cu_seqlens = torch.tensor([0, 2, 3, 6])
+    inputs, _ = _inputs()
+    leaves = [inputs[n][:, :6, :1, :2].clone().requires_grad_() for n in names]
+    states = torch.randn(3, 1, 2, leaves[names.index("v")].shape[-1], dtype=torch.float64, requires_grad=True)
+
+    def f(*args):
+        return op(*args[:-1], 1.0 if op is rwkv7 else None, args[-1], True, cu_seqlens, chunk_size=2)
+
+    assert torch.autograd.gradcheck(f, [*leaves, states])
