@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .chunking import chunked_decay_attention, compute_dtype, decay_attention_matrix, quadratic_decay_attention
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
-from .varlen import PackedSequences
+from .varlen import scan_packed
 
 __all__ = ["gla", "gla_ref", "gla_step", "gla_quadratic", "gla_mixing_matrix"]
 
@@ -126,11 +126,10 @@ def gla(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if cu_seqlens is not None:  # padding tokens (zero q, k, v and log-decay) leave the state as it is
         _check(q, k, v, g, None)
-        packed = PackedSequences.of(cu_seqlens, q.shape[0], q.shape[1])
-        packed.check_initial_state(initial_state)
-        padded = (packed.pad(t) for t in (q, k, v, g))
-        o, state = gla(*padded, scale, initial_state, output_final_state, chunk_size=chunk_size)
-        return packed.unpad(o), state
+        return scan_packed(
+            lambda padded, _: gla(*padded, scale, initial_state, output_final_state, chunk_size=chunk_size),
+            (q, k, v, g), cu_seqlens, initial_state,
+        )
     if fused_recurrence_applies(q, k, v, g, initial_state):  # inference: the fused C++ recurrence
         _check(q, k, v, g, initial_state)
         with torch.autocast(q.device.type, enabled=False):

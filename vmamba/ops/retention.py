@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .chunking import chunked_heads_decay_attention, compute_dtype, decay_attention_matrix
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
-from .varlen import PackedSequences
+from .varlen import scan_packed
 
 __all__ = [
     "RetentionMode",
@@ -227,13 +227,14 @@ def retention(
     if cu_seqlens is None:
         o, state = _retention(q, k, v, scale, initial_state, mode, chunk_size)
         return o, _final(state, output_final_state)
-    packed = PackedSequences.of(cu_seqlens, q.shape[0], q.shape[1])
-    packed.check_initial_state(initial_state)
-    padded = [packed.pad(t) for t in (q, k, v)]
-    _check(*padded, initial_state)
-    # retention decays every step, padding included: the padding's decay is switched off instead
-    o, state = _retention(*padded, scale, initial_state, mode, chunk_size, valid=packed.valid(q.device))
-    return packed.unpad(o), _final(state, output_final_state)
+
+    def scan(padded: list[Tensor], valid: Tensor) -> tuple[Tensor, Tensor]:
+        _check(*padded, initial_state)
+        # retention decays every step, padding included: the padding's decay is switched off instead
+        return _retention(*padded, scale, initial_state, mode, chunk_size, valid=valid)
+
+    o, state = scan_packed(scan, (q, k, v), cu_seqlens, initial_state)
+    return o, _final(state, output_final_state)
 
 
 def _retention(

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .chunking import LOG_RANGE_LIMIT, compute_dtype
 from .fused.recurrence import fused_recurrence, fused_recurrence_applies
-from .varlen import PackedSequences
+from .varlen import scan_packed
 
 __all__ = ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix"]
 
@@ -302,11 +302,10 @@ def rwkv7(
     """
     if cu_seqlens is not None:  # padding tokens (zero r, k, v, a, b and log-decay) leave the state as it is
         _check(r, w, k, v, a, b, None)
-        packed = PackedSequences.of(cu_seqlens, r.shape[0], r.shape[1])
-        packed.check_initial_state(initial_state)
-        padded = (packed.pad(t) for t in (r, w, k, v, a, b))
-        o, state = rwkv7(*padded, scale, initial_state, output_final_state, chunk_size=chunk_size)
-        return packed.unpad(o), state
+        return scan_packed(
+            lambda padded, _: rwkv7(*padded, scale, initial_state, output_final_state, chunk_size=chunk_size),
+            (r, w, k, v, a, b), cu_seqlens, initial_state,
+        )
     _check(r, w, k, v, a, b, initial_state)
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -181,8 +181,18 @@ def _sequence_bounds(
     return list(zip(offsets, offsets[1:]))
 
 
+def _packing(
+    seq_idx: Tensor | None, cu_seqlens: Tensor | None, return_varlen_states: bool, batch: int, length: int
+) -> tuple[Tensor | None, list[tuple[int, int]] | None]:
+    """``(resets, bounds)``: where the scan restarts (:func:`_resets`) and, for ``return_varlen_states``, the
+    packed sequences' ``(start, end)`` (:func:`_sequence_bounds`); Nones where not asked for."""
+    resets = _resets(seq_idx, batch, length)
+    return resets, _sequence_bounds(cu_seqlens, resets, batch, length) if return_varlen_states else None
+
+
 def _varlen_states(
-    v: Tensor,
+    x: Tensor,
+    dt: Tensor,
     B: Tensor,
     log_decay: Tensor,
     initial_states: Tensor | None,
@@ -190,10 +200,11 @@ def _varlen_states(
     bounds: list[tuple[int, int]],
 ) -> Tensor:
     """``(S, H, P, N)``: the state after each packed sequence's last token, ``sum_s exp(G_e - G_s) v_s B_sᵀ``
-    over the sequence's tokens (``v = dt x (1, T, H, P)``, ``B (1, T, G, N)``, ``log_decay (1, T, H)``), plus
-    the decayed initial state for the sequence holding token 0 unless the scan restarts there; zeros for an
-    empty sequence. Cumulative log-decays in float64."""
-    dtype = v.dtype
+    over the sequence's tokens (``v = dt x``; ``x (1, T, H, P)``, prepared ``dt (1, T, H)`` in the compute
+    dtype, ``B (1, T, G, N)``, ``log_decay (1, T, H)``), plus the decayed initial state for the sequence holding
+    token 0 unless the scan restarts there; zeros for an empty sequence. Cumulative log-decays in float64."""
+    dtype = dt.dtype
+    v = x.to(dtype) * dt[..., None]
     heads, head_dim = v.shape[2:]
     groups, d_state = B.shape[2:]
     cum = log_decay[0].to(torch.float64).cumsum(0)  # (T, H), G_t inclusive
@@ -234,8 +245,7 @@ def _run(
     on SSD's inputs."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     batch, length, heads, head_dim = x.shape
-    resets = _resets(seq_idx, batch, length)
-    bounds = _sequence_bounds(cu_seqlens, resets, batch, length) if return_varlen_states else None
+    resets, bounds = _packing(seq_idx, cu_seqlens, return_varlen_states, batch, length)
     with torch.autocast(x.device.type, enabled=False):
         dtype = compute_dtype(x, dt, A, B, C)
         groups = B.shape[2]
@@ -261,7 +271,7 @@ def _run(
             final = final.reshape(batch, heads, head_dim, B.shape[3])
         varlen = None
         if bounds is not None:
-            varlen = _varlen_states(x.to(dtype) * dt[..., None], B, log_decay, initial_states, resets, bounds)
+            varlen = _varlen_states(x, dt, B, log_decay, initial_states, resets, bounds)
         return _finish(y, x, D, z, dtype), final, varlen
 
 
@@ -360,8 +370,7 @@ def _fused(
     transpose of SSD's ``(P, N)`` one. Arguments as :func:`_run` without the chunked form;
     returns ``(y, final_states or None, varlen_states or None)``."""
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
-    resets = _resets(seq_idx, x.shape[0], x.shape[1])
-    bounds = _sequence_bounds(cu_seqlens, resets, x.shape[0], x.shape[1]) if return_varlen_states else None
+    resets, bounds = _packing(seq_idx, cu_seqlens, return_varlen_states, x.shape[0], x.shape[1])
     with torch.autocast(x.device.type, enabled=False):
         dtype = torch.float32
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)
@@ -372,7 +381,7 @@ def _fused(
         final = state.transpose(-1, -2).contiguous() if return_final_states else None
         varlen = None
         if bounds is not None:
-            varlen = _varlen_states(x.to(dtype) * dt[..., None], B, log_decay, initial_states, resets, bounds)
+            varlen = _varlen_states(x, dt, B, log_decay, initial_states, resets, bounds)
         return _finish(y, x, D, z, dtype), final, varlen
 
 
@@ -462,8 +471,7 @@ def ssd_ref(
     """
     _check(x, dt, A, B, C, D, z, dt_bias, initial_states)
     batch, length, heads, head_dim = x.shape
-    resets = _resets(seq_idx, batch, length)
-    bounds = _sequence_bounds(cu_seqlens, resets, batch, length) if return_varlen_states else None
+    resets, bounds = _packing(seq_idx, cu_seqlens, return_varlen_states, batch, length)
     with torch.autocast(x.device.type, enabled=False):
         dtype = compute_dtype(x, dt, A, B, C)
         dt, log_decay = _prepare_dt(dt, A, dt_bias, dt_softplus, dtype, dt_limit)

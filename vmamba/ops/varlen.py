@@ -13,11 +13,12 @@ zero log-decay: the ops fill it so), and each row's final state is then its sequ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["PackedSequences"]
+__all__ = ["PackedSequences", "scan_packed"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,18 @@ class PackedSequences:
     def unpad(self, padded: Tensor) -> Tensor:
         """``(N, L, ...) -> (1, T, ...)``: the real tokens, in packed order."""
         return padded[self.rows.to(padded.device), self.columns.to(padded.device)][None]
+
+
+def scan_packed(
+    scan: Callable[[list[Tensor], Tensor], tuple[Tensor, Tensor | None]],
+    tokens: Sequence[Tensor],
+    cu_seqlens: Tensor,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run a batched ``scan(padded tokens, valid (N, L)) -> (o (N, L, ...), state)`` on the sequences packed
+    in ``tokens`` (each ``(1, T, ...)``, zero-padded) and return ``(o (1, T, ...), state)``; ``initial_state``
+    must hold one state per sequence (the scan takes it as its batch's)."""
+    packed = PackedSequences.of(cu_seqlens, tokens[0].shape[0], tokens[0].shape[1])
+    packed.check_initial_state(initial_state)
+    o, state = scan([packed.pad(t) for t in tokens], packed.valid(tokens[0].device))
+    return packed.unpad(o), state
