@@ -64,7 +64,7 @@ from vmamba.blocks import add_drop_path
 from vmamba.constant_cache import cached_constant
 from vmamba.cross_scan import ScanPattern, scan_indices
 from vmamba.mixers import MambaMixer, MixerType
-from vmamba.ops import depthwise_conv1d_silu
+from vmamba.ops import depthwise_conv1d_silu, linear
 from vmamba.ops.fused import MAX_D_STATE, fused_multi_scan, use_fused
 from vmamba.ssm_layer import ConvPlacement, MultiDirectionSSM
 
@@ -261,7 +261,7 @@ class VimBlock(nn.Module):
         orders = direction_orders(op.pattern, grid_size, cls_index, n).to(h.device)  # (K/2, N)
         w_x, w_z = op.in_proj.weight.split(e)
         b_x, b_z = op.in_proj.bias.split(e) if op.in_proj.bias is not None else (None, None)
-        x = F.linear(h, w_x, b_x)  # (B, N, E); z is computed after the scans to keep memory low
+        x = linear(h, w_x, b_x)  # (B, N, E); z is computed after the scans to keep memory low
         a = -torch.exp(mixer.A_logs.float()).view(k, e, -1).transpose(1, 2)  # (K, S, E)
         chunks = -(-n * batch * e // _CHUNK_ELEMENTS)
         rows = max(_MIN_CHUNK_ROWS, -(-n // max(1, chunks)))
@@ -276,10 +276,10 @@ class VimBlock(nn.Module):
                     y = self._scan_direction(seq, kk, kk >= half, a, rows, y, order)
         del x
         grad = torch.is_grad_enabled()
-        z = F.silu(F.linear(h, w_z, b_z), inplace=not grad)
+        z = F.silu(linear(h, w_z, b_z), inplace=not grad)
         y = y * z if grad else y.mul_(z)
         # out_proj((y / K) * silu(z)): 1/K is a power of two, so folding it into the weight gives the same bits.
-        out = F.linear(y.to(op.out_proj.weight.dtype), op.out_proj.weight * (1.0 / k), op.out_proj.bias)
+        out = linear(y.to(op.out_proj.weight.dtype), op.out_proj.weight * (1.0 / k), op.out_proj.bias)
         return op.dropout(out)
 
     def _scan_pair(self, x: Tensor, a: Tensor) -> Tensor:
@@ -294,7 +294,7 @@ class VimBlock(nn.Module):
         w = op.conv.weight.view(2, e, width).transpose(1, 2)  # (2, w, E)
         taps = torch.stack([w[0], w[1].flip(0)])  # the reversed direction's causal conv, in forward order
         u = depthwise_conv1d_silu(x, taps, op.conv.bias.view(2, e), 0, n, [-(width - 1), 0])  # (B, N, 2, E)
-        x_dbl = torch.stack([F.linear(u[:, :, kk], mixer.x_proj_weight[kk]) for kk in range(2)], dim=2)
+        x_dbl = torch.stack([linear(u[:, :, kk], mixer.x_proj_weight[kk]) for kk in range(2)], dim=2)
         dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)  # (B, N, 2, *)
         forward = torch.arange(n, device=x.device)
         y, _ = fused_multi_scan(  # the kernel projects dt (delta = dt_projs_weight[k] @ dt) tile by tile
@@ -336,7 +336,7 @@ class VimBlock(nn.Module):
             stop = min(n, start + rows)
             c = stop - start
             u = depthwise_conv1d_silu(seq, conv_w, conv_b, start, stop, offset)  # (B, c, E)
-            x_dbl = F.linear(u, x_proj)  # (B, c, R + 2S)
+            x_dbl = linear(u, x_proj)  # (B, c, R + 2S)
             dt, b_in, c_out = torch.split(x_dbl, [rank, d_state, d_state], dim=-1)
             index = torch.arange(c, device=seq.device)
             y_c, state = fused_multi_scan(  # delta = dt_proj @ dt inside the kernel

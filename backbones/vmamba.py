@@ -51,6 +51,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from vmamba.blocks import LayerNormNd, VSSBlock
+from vmamba.linear import Linear
 from vmamba.mixers import MixerType, SequenceMixer
 
 __all__ = ["VSSM", "StemType", "DownsampleType", "ConvStem", "PatchStem", "ConvDownsample", "PatchMerging",
@@ -162,7 +163,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, dim_out: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
-        self.reduction = nn.Linear(4 * dim, dim_out, bias=False)
+        self.reduction = Linear(4 * dim, dim_out, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, channels = x.shape

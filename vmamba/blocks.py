@@ -14,6 +14,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from .cross_scan import ScanPattern
+from .linear import Linear
 from .mixers import MixerType
 from .ops.linear_gelu import linear_gelu
 from .ssm_layer import ConvPlacement, MultiDirectionSSM
@@ -86,9 +87,9 @@ class ChannelMlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0, channels_last: bool = False) -> None:
         super().__init__()
         self.channels_last = channels_last
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

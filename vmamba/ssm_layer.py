@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cross_scan import ScanPattern, cross_merge, cross_scan
+from .linear import Linear
 from .mixers import MixerType, create_mixer
 from .ops import depthwise_conv2d_silu
 
@@ -84,7 +85,7 @@ class MultiDirectionSSM(nn.Module):
         self.merge_mean = merge_mean
         self.channels_last = channels_last
         k = self.pattern.num_directions
-        self.in_proj = nn.Linear(dim, d_inner * (2 if gate else 1), bias=bias)
+        self.in_proj = Linear(dim, d_inner * (2 if gate else 1), bias=bias)
         if self.conv_placement is ConvPlacement.SPATIAL:
             conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.pattern.spatial_dims - 1]
             self.conv = conv_cls(
@@ -97,7 +98,7 @@ class MultiDirectionSSM(nn.Module):
         self.act = nn.SiLU()
         self.mixer = create_mixer(mixer, d_inner, k, dim_model=dim, **(mixer_kwargs or {}))
         self.out_norm = nn.LayerNorm(d_inner, eps=norm_eps) if out_norm else nn.Identity()
-        self.out_proj = nn.Linear(d_inner, dim, bias=bias)
+        self.out_proj = Linear(d_inner, dim, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _check(self, x: Tensor) -> None:

@@ -7,8 +7,11 @@ repeats, medians) and printed as images/s and as ``vmamba_t / model`` ratios. VM
 backend (:func:`vmamba.ops.fused.forced_scan_backend`): ``auto`` (the default choice, per stage, see
 :meth:`vmamba.mixers.MambaMixer.map_path`), ``fused`` (the compiled kernel wherever it applies) and
 ``torch`` (pure PyTorch); the SS2D front end's depthwise conv + SiLU and the MLP's bias + GELU follow the
-same switch (:func:`vmamba.ops.depthwise_conv2d_silu`, :func:`vmamba.ops.linear_gelu`). Targets (issue 8):
-inference >= 0.95x and training step >= 0.9x swin_tiny_patch4_window7_224 (issue 2: inference >= 0.6x).
+same switch (:func:`vmamba.ops.depthwise_conv2d_silu`, :func:`vmamba.ops.linear_gelu`), and so do its linear
+layers (:func:`vmamba.ops.linear`: oneDNN's GEMM instead of ATen's MKL one). Targets (issue 8): inference
+>= 0.95x and training step >= 0.9x swin_tiny_patch4_window7_224 as timm builds it (issue 2: inference >= 0.6x).
+Swin-T also runs a second time with its ``nn.Linear`` layers swapped for :class:`vmamba.linear.Linear`
+(``[oneDNN linears]``), so the table shows how much of the ratio is the GEMM library rather than the model.
 
 FLOPs: ``torch.utils.flop_counter`` over one 224x224 image, with the selective scan counted by the formula
 ``vmamba.ops.flops`` registers for it (the official fvcore rule, 9 * B * L * D * N); elementwise ops are
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 import vmamba  # noqa: F401  registers vmamba_t
 from vmamba import ScanPattern
+from vmamba.linear import Linear
 from vmamba.mixers import MambaMixer
 from vmamba.ops.fused import ScanBackend, forced_scan_backend, fused_status
 
@@ -33,6 +37,7 @@ from .common import Timing, format_ratio, print_table, time_interleaved
 
 REFERENCES = ("swin_tiny_patch4_window7_224", "vit_small_patch16_224")
 SWIN = REFERENCES[0]
+SWIN_ONEDNN = f"{SWIN} [oneDNN linears]"
 BACKENDS = (ScanBackend.AUTO, ScanBackend.FUSED, ScanBackend.TORCH)
 INFER_TARGET, TRAIN_TARGET = 0.95, 0.9  # vmamba_t / swin_tiny images/s (issue 8)
 OFFICIAL_GMACS = 4.91  # official README / fvcore for VMamba-T (tiny_s1l8) at 224x224
@@ -40,6 +45,14 @@ OFFICIAL_GMACS = 4.91  # official README / fvcore for VMamba-T (tiny_s1l8) at 22
 
 def _vmamba_label(backend: ScanBackend) -> str:
     return f"vmamba_t [{backend.value}]"
+
+
+def _with_onednn_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every plain ``nn.Linear`` turned into :class:`vmamba.linear.Linear` (same parameters)."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Linear
+    return model
 
 
 def _stage_paths(model: torch.nn.Module, backend: ScanBackend, grad: bool) -> str:
@@ -77,6 +90,9 @@ def _print_rates(title: str, batch: int, timings: dict[str, Timing], target: flo
             f"{v}: {ratio:.3f}x swin_tiny ({'met' if ratio >= target else 'NOT met'}, target >= {target}x);"
             f" per round {min(rounds):.3f}-{max(rounds):.3f}x, median {statistics.median(rounds):.3f}x"
         )
+    if SWIN_ONEDNN in rates:
+        verdicts += [f"{v}: {rates[v] / rates[SWIN_ONEDNN]:.3f}x {SWIN_ONEDNN} (same GEMM library, no target)"
+                     for v in vmamba_names]
     print("\n".join(verdicts))
 
 
@@ -86,6 +102,7 @@ def _inference(quick: bool) -> None:
     torch.manual_seed(0)
     vmamba_t = timm.create_model("vmamba_t").eval()
     models = {name: timm.create_model(name).eval() for name in REFERENCES}
+    models[SWIN_ONEDNN] = _with_onednn_linears(timm.create_model(SWIN).eval())
 
     def infer(model: torch.nn.Module, backend: ScanBackend | None = None) -> Callable[[], object]:
         def call() -> object:
@@ -112,9 +129,11 @@ def _training(quick: bool) -> None:
     x = torch.randn(batch, 3, 224, 224)
     target = torch.randint(0, 1000, (batch,))
 
-    def step(name: str, backend: ScanBackend | None = None) -> Callable[[], object]:
+    def step(name: str, backend: ScanBackend | None = None, onednn_linears: bool = False) -> Callable[[], object]:
         torch.manual_seed(0)
         model = timm.create_model(name).train()
+        if onednn_linears:
+            _with_onednn_linears(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **fused_kwargs("adamw", model.parameters()))
 
         def call() -> object:
@@ -130,6 +149,7 @@ def _training(quick: bool) -> None:
     trained = (ScanBackend.FUSED, ScanBackend.TORCH)  # auto trains on the fused kernel when it builds
     calls = {_vmamba_label(b): step("vmamba_t", b) for b in trained}
     calls[SWIN] = step(SWIN)
+    calls[SWIN_ONEDNN] = step(SWIN, onednn_linears=True)
     probe = timm.create_model("vmamba_t").train()
     for b in trained:
         print(f"{_vmamba_label(b)} training scan path per stage: {_stage_paths(probe, b, grad=True)}")

@@ -5,12 +5,11 @@ import math
 from enum import Enum
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..constant_cache import cached_constant
 from ..cross_scan import ScanPattern, cross_scan
-from ..ops import selective_scan
+from ..ops import linear, selective_scan
 from ..ops.cross2d_scan import cross2d_selective_scan
 from ..ops.fused import ScanBackend, fused_multi_scan, scan_backend, use_fused
 from .base import MixerType, SequenceMixer, register_mixer
@@ -159,7 +158,7 @@ class MambaMixer(SequenceMixer):
             )
         spatial = x.shape[1:-1]
         u = x.reshape(x.shape[0], math.prod(spatial), c)  # (B, L, C) map rows
-        x_dbl = F.linear(u, self.x_proj_weight.reshape(k * (r + 2 * n), c)).unflatten(-1, (k, r + 2 * n))
+        x_dbl = linear(u, self.x_proj_weight.reshape(k * (r + 2 * n), c)).unflatten(-1, (k, r + 2 * n))
         dts, Bs, Cs = torch.split(x_dbl, [r, n, n], dim=-1)  # (B, L, K, *)
         # The kernel computes delta = dt_projs_weight[k] @ dts (the dt projection) tile by tile and adds the
         # D skips (sum over directions of D_k u): neither delta nor its gradient is materialised.

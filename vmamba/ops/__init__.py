@@ -6,6 +6,7 @@ from .depthwise_conv import (
     depthwise_conv2d_silu,
     depthwise_conv2d_silu_ref,
 )
+from .linear import linear
 from .linear_gelu import linear_gelu, linear_gelu_ref
 from .retention import RetentionMode, retention, retention_mixing_matrix, retention_ref, retention_step
 from .rwkv7 import rwkv7, rwkv7_mixing_matrix, rwkv7_ref, rwkv7_step
@@ -26,4 +27,4 @@ __all__ += ["rwkv7", "rwkv7_ref", "rwkv7_step", "rwkv7_mixing_matrix"]
 __all__ += ["ssd", "ssd_ref", "ssd_step", "ssd_quadratic", "ssd_mixing_matrix"]
 __all__ += ["gla", "gla_ref", "gla_step", "gla_quadratic", "gla_mixing_matrix"]
 __all__ += ["depthwise_conv1d_silu", "depthwise_conv1d_silu_ref", "depthwise_conv2d_silu", "depthwise_conv2d_silu_ref"]
-__all__ += ["linear_gelu", "linear_gelu_ref"]
+__all__ += ["linear", "linear_gelu", "linear_gelu_ref"]

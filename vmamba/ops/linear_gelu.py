@@ -4,9 +4,9 @@
 the fused bias + GELU kernel (:mod:`vmamba.ops.fused.bias_gelu`): the GEMM writes its output without a bias
 copy first, the forward adds the bias and applies the GELU in one pass, and the backward computes the GELU
 gradient with one exponential per element and the bias gradient in the same pass (ATen takes two exponentials
-and a separate column sum). The GEMMs and their gradients are ATen's, so ``FlopCounterMode`` counts them as
-it counts ``F.linear``. Elsewhere (other dtypes or devices, no bias, the tanh GELU, under autocast), and as
-the reference, ``F.gelu(F.linear(x, weight, bias))`` (:func:`linear_gelu_ref`).
+and a separate column sum). The GEMM is :func:`vmamba.ops.linear` (oneDNN where it applies), which
+``FlopCounterMode`` counts as it counts ``F.linear``. Elsewhere (other dtypes or devices, no bias, the tanh
+GELU, under autocast), and as the reference, ``F.gelu(F.linear(x, weight, bias))`` (:func:`linear_gelu_ref`).
 
 The kernel's GELU evaluates the normal CDF with the Abramowitz & Stegun 7.1.26 form that ATen's vectorised
 ``erf`` uses (absolute error <= 1.5e-7 in ``erf``), so both paths agree to float32 rounding.
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused.bias_gelu import fused_bias_gelu, fused_bias_gelu_applies
+from .linear import linear
 
 __all__ = ["linear_gelu", "linear_gelu_ref"]
 
@@ -64,5 +65,5 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor | None = None, approxima
         or torch.is_autocast_enabled(x.device.type)
     ):
         return _reference(x, weight, bias, approximate)  # arguments checked above
-    pre = x.reshape(-1, x.shape[-1]).matmul(weight.t())  # (rows, out_features), bias-free
+    pre = linear(x.reshape(-1, x.shape[-1]), weight)  # (rows, out_features), bias-free; oneDNN where it applies
     return fused_bias_gelu(pre, bias).view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,96 @@
+"""Linear layer on oneDNN: ``x @ weight.T + bias`` with :func:`torch.nn.functional.linear`'s contract.
+
+Why: in float32 on the CPU, ``F.linear`` and ``matmul`` call MKL's GEMM. oneDNN's matmul, which every
+PyTorch build with ``torch.backends.mkldnn`` ships (and which ``torch.compile``'s CPU backend uses for
+linears), measured 1.1-1.5x faster on this project's layer shapes on a 2-core machine (e.g. 1568 x 384 ->
+1536, vmamba_t's third stage at batch 8: 100 vs 78-87 GMAC/s; 25088 x 384 -> 96: 87 vs 44-62). :func:`linear`
+runs the forward product and the input gradient (``dy @ weight``, the weight read transposed in place) on
+oneDNN; the weight gradient (``dy.T @ x``) stays on ATen's ``mm``, which was as fast or faster there.
+
+Dispatch (:func:`onednn_linear_applies`): oneDNN for CPU float32 tensors when PyTorch has oneDNN, the scan
+backend (:func:`vmamba.ops.fused.scan_backend`) is not ``torch``, autocast is off, nothing is being compiled
+(``torch.compile`` lowers ``F.linear`` to oneDNN itself) and the product is at least ``_MIN_MACS``
+multiply-accumulates (below that the call overhead, ~25 us, outweighs the gain). Everything else, and the
+reference, is ``F.linear``. Both round float32 differently (different blocking of the sums), so results agree
+to float32 rounding, not bit for bit.
+
+The product runs as the ``vmamba::linear`` custom op: ``FlopCounterMode`` counts it like ``F.linear`` (its
+backward as two products), and ``torch.export`` keeps it as one node. Double backward works (the backward is
+written with differentiable ops).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .flops import register_macs
+from .fused.loader import ScanBackend, scan_backend
+
+__all__ = ["linear", "onednn_linear_applies", "onednn_linear_available"]
+
+_MIN_MACS = 1 << 20
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._linear_pointwise.default  # noqa: B018 - raises when the op is not registered
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
+    """True when :func:`linear` runs oneDNN for these arguments (module docstring); shapes are assumed valid."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if scan_backend() is ScanBackend.TORCH or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    return x.numel() * weight.shape[0] >= _MIN_MACS and onednn_linear_available()
+
+
+@torch.library.custom_op("vmamba::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x (M, K)``, ``weight (N, K)`` (any strides), ``bias (N,)`` or None -> ``(M, N)`` on oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad
+    grad_x = _linear_op(grad, weight.t(), None) if need_x else None  # (M, N) @ (N, K)
+    grad_weight = grad.t().mm(x) if need_weight else None
+    grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+    return grad_x, grad_weight, grad_bias
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
+register_macs(torch.ops.vmamba.linear, lambda x, weight, bias: x[0] * x[1] * weight[0])
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x: (..., in_features)``, ``weight: (out_features, in_features)``, ``bias: (out_features,)`` or None ->
+    ``F.linear(x, weight, bias)`` as ``(..., out_features)``, on oneDNN where it applies (module docstring).
+    Differentiable in all three (twice)."""
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or not onednn_linear_applies(x, weight, bias):
+        return F.linear(x, weight, bias)  # F.linear names any shape mismatch itself
+    rows = x.reshape(-1, x.shape[-1])
+    return _linear_op(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
