@@ -122,8 +122,8 @@ def test_flop_count_matches_f_linear():
 
 
 def test_dispatch_rule():
-    """oneDNN only for CPU float32, outside autocast and compilation, under a backend other than ``torch``,
-    for products of at least ``_MIN_MACS`` multiply-adds."""
+    """oneDNN only for CPU float32, when oneDNN is enabled, outside autocast and compilation, under a backend
+    other than ``torch``, for products of at least ``_MIN_MACS`` multiply-adds."""
     x, w, b = (t.float() for t in _inputs((64, 96), 384))
     big = x.numel() * w.shape[0] >= linear_module._MIN_MACS
     assert big
@@ -134,6 +134,8 @@ def test_dispatch_rule():
     with fused.forced_scan_backend("torch"):
         assert not onednn_linear_applies(x, w, b)
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not onednn_linear_applies(x, w, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_linear_applies(x, w, b)
         assert linear(x, w, b).dtype == torch.bfloat16  # autocast's rule for F.linear

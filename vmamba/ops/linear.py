@@ -1,18 +1,18 @@
 """Linear layer on oneDNN: ``x @ weight.T + bias`` with :func:`torch.nn.functional.linear`'s contract.
 
-Why: in float32 on the CPU, ``F.linear`` and ``matmul`` call MKL's GEMM. oneDNN's matmul, which every
-PyTorch build with ``torch.backends.mkldnn`` ships (and which ``torch.compile``'s CPU backend uses for
-linears), measured 1.1-1.5x faster on this project's layer shapes on a 2-core machine (e.g. 1568 x 384 ->
-1536, vmamba_t's third stage at batch 8: 100 vs 78-87 GMAC/s; 25088 x 384 -> 96: 87 vs 44-62). :func:`linear`
-runs the forward product and the input gradient (``dy @ weight``, the weight read transposed in place) on
-oneDNN; the weight gradient (``dy.T @ x``) stays on ATen's ``mm``, which was as fast or faster there.
+Why: in float32 on the CPU, ``F.linear`` and ``matmul`` call MKL's GEMM. oneDNN's matmul, which PyTorch builds
+with ``torch.backends.mkldnn`` ship (``torch.compile``'s CPU backend uses it for frozen linears), measured
+1.1-1.5x faster on this project's layer shapes on a 2-core machine (e.g. 1568 x 384 -> 1536, vmamba_t's third
+stage at batch 8: 100 vs 78-87 GMAC/s; 25088 x 384 -> 96: 87 vs 44-62). :func:`linear` runs the forward
+product and the input gradient (``dy @ weight``, the weight read transposed in place) on oneDNN; the weight
+gradient (``dy.T @ x``) stays on ATen's ``mm``, which was as fast or faster there.
 
-Dispatch (:func:`onednn_linear_applies`): oneDNN for CPU float32 tensors when PyTorch has oneDNN, the scan
-backend (:func:`vmamba.ops.fused.scan_backend`) is not ``torch``, autocast is off, nothing is being compiled
-(``torch.compile`` lowers ``F.linear`` to oneDNN itself) and the product is at least ``_MIN_MACS``
-multiply-accumulates (below that the call overhead, ~25 us, outweighs the gain). Everything else, and the
-reference, is ``F.linear``. Both round float32 differently (different blocking of the sums), so results agree
-to float32 rounding, not bit for bit.
+Dispatch (:func:`onednn_linear_applies`): oneDNN for CPU float32 tensors when PyTorch has oneDNN and it is
+enabled (``torch.backends.mkldnn.enabled``), the scan backend (:func:`vmamba.ops.fused.scan_backend`) is not
+``torch``, autocast is off, nothing is being compiled (the compiler picks its own GEMMs) and the product is at
+least ``_MIN_MACS`` multiply-accumulates (below that the call overhead, ~25 us, outweighs the gain).
+Everything else, and the reference, is ``F.linear``. The two round float32 differently (different blocking of
+the sums), so results agree to float32 rounding, not bit for bit.
 
 The product runs as the ``vmamba::linear`` custom op: ``FlopCounterMode`` counts it like ``F.linear`` (its
 backward as two products), and ``torch.export`` keeps it as one node. Double backward works (the backward is
@@ -52,6 +52,8 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     if scan_backend() is ScanBackend.TORCH or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    if not torch.backends.mkldnn.enabled:  # the user switched oneDNN off (torch.backends.mkldnn.flags)
         return False
     return x.numel() * weight.shape[0] >= _MIN_MACS and onednn_linear_available()
 
