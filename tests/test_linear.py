@@ -134,11 +134,17 @@ def test_dispatch_rule():
     with fused.forced_scan_backend("torch"):
         assert not onednn_linear_applies(x, w, b)
         assert torch.equal(linear(x, w, b), F.linear(x, w, b))
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert not onednn_linear_applies(x, w, b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_linear_applies(x, w, b)
         assert linear(x, w, b).dtype == torch.bfloat16  # autocast's rule for F.linear
+
+
+def test_mkldnn_switched_off_takes_f_linear(monkeypatch):
+    """``torch.backends.mkldnn.enabled = False`` (the user's switch) sends every call to F.linear."""
+    x, w, b = (t.float() for t in _inputs((64, 96), 384))
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not onednn_linear_applies(x, w, b)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
 def test_other_inputs_behave_as_f_linear():
