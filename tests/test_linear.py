@@ -77,6 +77,18 @@ def test_runs_onednn_forward_and_input_gradient_only_where_it_applies(any_size):
 
 
 @needs_onednn
+def test_inference_calls_onednn_directly_unless_watched(any_size):
+    """Without gradients and dispatch modes the oneDNN op runs directly (same values as the custom op); under a
+    dispatch mode such as FlopCounterMode the custom op runs, so the product is still counted."""
+    x, w, b = (t.float() for t in _inputs((6, 20), 12))
+    with torch.no_grad():
+        direct = linear(x, w, b)
+        assert _flops_by_op(lambda: linear(x, w, b)) == {"vmamba.linear": 2 * 6 * 20 * 12}
+    torch.testing.assert_close(direct, torch.ops.vmamba.linear(x, w, b), rtol=0, atol=0)
+    torch.testing.assert_close(direct, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_strided_input_and_no_input_gradient(any_size):
     """A transposed (non-contiguous) input; an input without gradient (the first layer): weight and bias
     gradients only."""
