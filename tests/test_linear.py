@@ -159,6 +159,16 @@ def test_mkldnn_switched_off_takes_f_linear(monkeypatch):
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 
+def test_torch_func_transforms_take_f_linear():
+    """Under torch.vmap and torch.func.grad the op is F.linear (no batching rule / functorch support needed)."""
+    x, w, b = (t.float() for t in _inputs((4, 300, 96), 384))
+    batched = torch.vmap(lambda rows: linear(rows, w, b))(x)
+    torch.testing.assert_close(batched, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    grad_w = torch.func.grad(lambda weight: linear(x, weight, b).square().sum())(w)
+    expected = torch.func.grad(lambda weight: F.linear(x, weight, b).square().sum())(w)
+    torch.testing.assert_close(grad_w, expected)
+
+
 def test_other_inputs_behave_as_f_linear():
     """Shape errors are F.linear's own; empty batches, meta tensors and float64 give F.linear's results."""
     with pytest.raises(RuntimeError):

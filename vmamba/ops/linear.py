@@ -9,8 +9,10 @@ gradient (``dy.T @ x``) stays on ATen's ``mm``, which was as fast or faster ther
 
 Dispatch (:func:`onednn_linear_applies`): oneDNN for CPU float32 tensors when PyTorch has oneDNN and it is
 enabled (``torch.backends.mkldnn.enabled``), the scan backend (:func:`vmamba.ops.fused.scan_backend`) is not
-``torch``, autocast is off, nothing is being compiled (the compiler picks its own GEMMs) and the product is at
-least ``_MIN_MACS`` multiply-accumulates (below that the call overhead, ~25 us, outweighs the gain).
+``torch``, autocast is off, nothing is being compiled (the compiler picks its own GEMMs) or transformed
+(``torch.vmap`` / ``torch.func``: oneDNN has no batching rule, the custom op no functorch support), and the
+product is at least ``_MIN_MACS`` multiply-accumulates (below that oneDNN's call overhead, ~25 us, outweighs
+the gain).
 Everything else, and the reference, is ``F.linear``. The two round float32 differently (different blocking of
 the sums), so results agree to float32 rounding, not bit for bit.
 
@@ -54,6 +56,8 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None)
     if scan_backend() is ScanBackend.TORCH or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
     if not torch.backends.mkldnn.enabled:  # the user switched oneDNN off (torch.backends.mkldnn.flags)
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / torch.func transforms
         return False
     return x.numel() * weight.shape[0] >= _MIN_MACS and onednn_linear_available()
 
