@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vmamba.linear import Linear
 from vmamba.ops import fused, linear
-from vmamba.ops.linear import onednn_linear_applies, onednn_linear_available
+from vmamba.ops.linear import onednn_linear_applies, onednn_linear_available, onednn_linear_status
 
 linear_module = sys.modules["vmamba.ops.linear"]
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTorch build has no oneDNN linear")
@@ -151,11 +151,16 @@ def test_dispatch_rule():
         assert linear(x, w, b).dtype == torch.bfloat16  # autocast's rule for F.linear
 
 
-def test_mkldnn_switched_off_takes_f_linear(monkeypatch):
-    """``torch.backends.mkldnn.enabled = False`` (the user's switch) sends every call to F.linear."""
+@pytest.mark.parametrize("switch", ["mkldnn_flag", "environment"])
+def test_switched_off_takes_f_linear(monkeypatch, switch):
+    """``torch.backends.mkldnn.enabled = False`` or ``VMAMBA_ONEDNN_LINEAR=0`` sends every call to F.linear."""
     x, w, b = (t.float() for t in _inputs((64, 96), 384))
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    if switch == "mkldnn_flag":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    else:
+        monkeypatch.setenv("VMAMBA_ONEDNN_LINEAR", "0")
     assert not onednn_linear_applies(x, w, b)
+    assert onednn_linear_status().startswith("F.linear")
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
 
 

@@ -31,7 +31,7 @@ from vmamba import ScanPattern
 from vmamba.linear import Linear
 from vmamba.mixers import MambaMixer
 from vmamba.ops.fused import ScanBackend, forced_scan_backend, fused_status
-from vmamba.ops.linear import onednn_linear_available
+from vmamba.ops.linear import onednn_linear_status
 
 from ..common.optim import fused_kwargs
 from .common import Timing, format_ratio, print_table, time_interleaved
@@ -115,8 +115,7 @@ def _inference(quick: bool) -> None:
     calls = {_vmamba_label(b): infer(vmamba_t, b) for b in BACKENDS}
     calls.update({name: infer(m) for name, m in models.items()})
     print(f"\nvmamba_models: compiled kernels (scan, depthwise conv + SiLU, MLP bias + GELU): {fused_status()}")
-    gemm = "oneDNN matmul" if onednn_linear_available() else "F.linear (this PyTorch has no oneDNN)"
-    print(f"vmamba_models: linear layers (vmamba.ops.linear): {gemm}; F.linear on the [torch] path")
+    print(f"vmamba_models: linear layers (vmamba.ops.linear): {onednn_linear_status()}; F.linear on the [torch] path")
     for b in BACKENDS:
         print(f"{_vmamba_label(b)} inference scan path per stage: {_stage_paths(vmamba_t, b, grad=False)}")
     timings = time_interleaved(calls, repeats=repeats, warmup=1)

@@ -8,13 +8,14 @@ product and the input gradient (``dy @ weight``, the weight read transposed in p
 gradient (``dy.T @ x``) stays on ATen's ``mm``, which was as fast or faster there.
 
 Dispatch (:func:`onednn_linear_applies`): oneDNN for CPU float32 tensors when PyTorch has oneDNN and it is
-enabled (``torch.backends.mkldnn.enabled``), the scan backend (:func:`vmamba.ops.fused.scan_backend`) is not
-``torch``, autocast is off, nothing is being compiled (the compiler picks its own GEMMs) or transformed
-(``torch.vmap`` / ``torch.func``: oneDNN has no batching rule, the custom op no functorch support), and the
-product is at least ``_MIN_MACS`` multiply-accumulates (below that oneDNN's call overhead, ~25 us, outweighs
-the gain).
-Everything else, and the reference, is ``F.linear``. The two round float32 differently (different blocking of
-the sums), so results agree to float32 rounding, not bit for bit.
+enabled (``torch.backends.mkldnn.enabled``), ``VMAMBA_ONEDNN_LINEAR`` is not ``0`` (the switch for a CPU where
+ATen's GEMM is the faster one; it leaves the scan kernels as they are), the scan backend
+(:func:`vmamba.ops.fused.scan_backend`) is not ``torch``, autocast is off, nothing is being compiled (the
+compiler picks its own GEMMs) or transformed (``torch.vmap`` / ``torch.func``: oneDNN has no batching rule,
+the custom op no functorch support), and the product is at least ``_MIN_MACS`` multiply-accumulates (below
+that oneDNN's call overhead, ~25 us, outweighs the gain). Everything else, and the reference, is
+``F.linear``. The two round float32 differently (different blocking of the sums), so results agree to float32
+rounding, not bit for bit.
 
 The product runs as the ``vmamba::linear`` custom op: ``FlopCounterMode`` counts it like ``F.linear`` (its
 backward as two products), and ``torch.export`` keeps it as one node. Double backward works (the backward is
@@ -23,6 +24,7 @@ written with differentiable ops). Inference calls with no dispatch mode active c
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,10 @@ from torch import Tensor
 from .flops import register_macs
 from .fused.loader import ScanBackend, scan_backend
 
-__all__ = ["linear", "onednn_linear_applies", "onednn_linear_available"]
+__all__ = ["linear", "onednn_linear_applies", "onednn_linear_available", "onednn_linear_status"]
 
 _MIN_MACS = 1 << 20
+_ENV = "VMAMBA_ONEDNN_LINEAR"  # "0": always F.linear
 
 
 @functools.cache
@@ -48,6 +51,17 @@ def onednn_linear_available() -> bool:
     return True
 
 
+def onednn_linear_status() -> str:
+    """One line saying what the linear layers run on here (for CPU float32 outside autocast / compilation)."""
+    if not onednn_linear_available():
+        return "F.linear (this PyTorch has no oneDNN linear)"
+    if not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0":
+        return f"F.linear (switched off: torch.backends.mkldnn.enabled / {_ENV}=0)"
+    if scan_backend() is ScanBackend.TORCH:
+        return "F.linear (VMAMBA_SCAN_BACKEND=torch)"
+    return f"oneDNN matmul (products of >= {_MIN_MACS} MACs)"
+
+
 def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
     """True when :func:`linear` runs oneDNN for these arguments (module docstring); shapes are assumed valid."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
@@ -55,7 +69,7 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None)
         return False
     if scan_backend() is ScanBackend.TORCH or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
-    if not torch.backends.mkldnn.enabled:  # the user switched oneDNN off (torch.backends.mkldnn.flags)
+    if not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0":  # switched off by the user
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / torch.func transforms
         return False
