@@ -51,11 +51,21 @@ def onednn_linear_available() -> bool:
     return True
 
 
+def _switched_off() -> bool:
+    """The user turned oneDNN off for PyTorch (``torch.backends.mkldnn.enabled``) or for these layers."""
+    return not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0"
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x (M, K)``, ``weight (N, K)`` (any strides), ``bias (N,)`` or None -> ``(M, N)`` on oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def onednn_linear_status() -> str:
     """One line saying what the linear layers run on here (for CPU float32 outside autocast / compilation)."""
     if not onednn_linear_available():
         return "F.linear (this PyTorch has no oneDNN linear)"
-    if not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0":
+    if _switched_off():
         return f"F.linear (switched off: torch.backends.mkldnn.enabled / {_ENV}=0)"
     if scan_backend() is ScanBackend.TORCH:
         return "F.linear (VMAMBA_SCAN_BACKEND=torch)"
@@ -69,7 +79,7 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None)
         return False
     if scan_backend() is ScanBackend.TORCH or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
-    if not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0":  # switched off by the user
+    if _switched_off():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / torch.func transforms
         return False
@@ -78,8 +88,8 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None)
 
 @torch.library.custom_op("vmamba::linear", mutates_args=())
 def _linear_op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x (M, K)``, ``weight (N, K)`` (any strides), ``bias (N,)`` or None -> ``(M, N)`` on oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """:func:`_onednn_linear` as an op with autograd, a FLOP formula and a fake implementation."""
+    return _onednn_linear(x, weight, bias)
 
 
 @_linear_op.register_fake
@@ -114,7 +124,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)  # F.linear names any shape mismatch itself
     rows = x.reshape(-1, x.shape[-1])
     if _plain_inference(rows, weight, bias):
-        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        out = _onednn_linear(rows, weight, bias)
     else:
         out = torch.ops.vmamba.linear(rows, weight, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
