@@ -51,9 +51,15 @@ def onednn_linear_available() -> bool:
     return True
 
 
-def _switched_off() -> bool:
-    """The user turned oneDNN off for PyTorch (``torch.backends.mkldnn.enabled``) or for these layers."""
-    return not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0"
+def _off_reason() -> str | None:
+    """Why the linear layers run ``F.linear`` everywhere in this process state, or None when oneDNN may run."""
+    if not onednn_linear_available():
+        return "this PyTorch has no oneDNN linear"
+    if not torch.backends.mkldnn.enabled or os.environ.get(_ENV, "1") == "0":
+        return f"switched off: torch.backends.mkldnn.enabled / {_ENV}=0"
+    if scan_backend() is ScanBackend.TORCH:
+        return "VMAMBA_SCAN_BACKEND=torch"
+    return None
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -63,13 +69,8 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def onednn_linear_status() -> str:
     """One line saying what the linear layers run on here (for CPU float32 outside autocast / compilation)."""
-    if not onednn_linear_available():
-        return "F.linear (this PyTorch has no oneDNN linear)"
-    if _switched_off():
-        return f"F.linear (switched off: torch.backends.mkldnn.enabled / {_ENV}=0)"
-    if scan_backend() is ScanBackend.TORCH:
-        return "F.linear (VMAMBA_SCAN_BACKEND=torch)"
-    return f"oneDNN matmul (products of >= {_MIN_MACS} MACs)"
+    reason = _off_reason()
+    return f"F.linear ({reason})" if reason else f"oneDNN matmul (products of >= {_MIN_MACS} MACs)"
 
 
 def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bool:
@@ -77,13 +78,11 @@ def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Tensor | None = None)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    if scan_backend() is ScanBackend.TORCH or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return False
-    if _switched_off():
+    if torch.compiler.is_compiling() or _off_reason() is not None or torch.is_autocast_enabled("cpu"):
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / torch.func transforms
         return False
-    return x.numel() * weight.shape[0] >= _MIN_MACS and onednn_linear_available()
+    return x.numel() * weight.shape[0] >= _MIN_MACS
 
 
 @torch.library.custom_op("vmamba::linear", mutates_args=())
