@@ -2,10 +2,12 @@
 
 Why: in float32 on the CPU, ``F.linear`` and ``matmul`` call MKL's GEMM. oneDNN's matmul, which PyTorch builds
 with ``torch.backends.mkldnn`` ship (``torch.compile``'s CPU backend uses it for frozen linears), measured
-1.1-1.5x faster on this project's layer shapes on a 2-core machine (e.g. 1568 x 384 -> 1536, vmamba_t's third
-stage at batch 8: 100 vs 78-87 GMAC/s; 25088 x 384 -> 96: 87 vs 44-62). :func:`linear` runs the forward
-product and the input gradient (``dy @ weight``, the weight read transposed in place) on oneDNN; the weight
-gradient (``dy.T @ x``) stays on ATen's ``mm``, which was as fast or faster there.
+1.0-1.4x the rate of the best of ATen's ``mm`` / ``addmm`` / ``F.linear`` on ten of this project's layer shapes
+in one interleaved run on a 2-core machine (e.g. 1568 x 384 -> 1536, vmamba_t's third stage at batch 8: 99 vs
+75-87 GMAC/s; 25088 x 384 -> 96: 87 vs 57-62). :func:`linear` runs the forward product and the input gradient
+(``dy @ weight``, the weight read transposed in place) on oneDNN; the weight gradient (``dy.T @ x``) stays on
+ATen's ``mm``: oneDNN fed the transposed operands was faster on 2 of 7 shapes (1.2x), equal or slower on the
+rest, down to 0.25x on a reduction over 25088 rows.
 
 Dispatch (:func:`onednn_linear_applies`): oneDNN for CPU float32 tensors when PyTorch has oneDNN and it is
 enabled (``torch.backends.mkldnn.enabled``), ``VMAMBA_ONEDNN_LINEAR`` is not ``0`` (the switch for a CPU where
